@@ -1,0 +1,375 @@
+//! Attention with the controller seam, the transformer block, and the spatial transformer.
+//!
+//! Every attention layer can take three paths:
+//! - the controller wants this kind of layer: the probabilities are materialised with a
+//!   differentiable softmax and handed to the controller, which may keep them in the graph;
+//! - self-attention inside a graph: a recomputing op keeps only its input and rebuilds the
+//!   probabilities head by head during the backward;
+//! - otherwise: the fast fused path, attending a few heads at a time to bound memory.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::engine::control::{AttentionControl, AttentionKind, AttentionSite};
+use crate::engine::grad_ops::{
+    self, with_vjp, Conv2d, GroupNorm, LayerNorm, Linear, RecomputedAttention,
+};
+
+/// Heads attended together on the fast path and in the recomputing backward.
+const HEAD_CHUNK: usize = 4;
+
+/// One attention layer (`attn1` or `attn2` of a transformer block), diffusers' `Attention`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    /// Raw projection weights, `(inner, in)`, for the recomputing self-attention op.
+    w_qkv: [Tensor; 3],
+    heads: usize,
+    scale: f64,
+    kind: AttentionKind,
+    name: String,
+}
+
+/// `(b, n, heads·d)` → `(b·heads, n, d)`.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    x.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .reshape((b * heads, n, c / heads))
+}
+
+/// `(b·heads, n, d)` → `(b, n, heads·d)`.
+fn merge_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (bh, n, d) = x.dims3()?;
+    x.reshape((bh / heads, heads, n, d))?
+        .transpose(1, 2)?
+        .reshape((bh / heads, n, heads * d))
+}
+
+impl Attention {
+    /// Loads `to_q`, `to_k`, `to_v` (no bias) and `to_out.0` from `vb`.
+    ///
+    /// `query_dim`: width of the image tokens; `context_dim`: width of the keys' source (the
+    /// text embeddings for cross-attention, `query_dim` for self-attention).
+    pub fn load(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        kind: AttentionKind,
+        name: String,
+    ) -> Result<Self> {
+        let inner = query_dim;
+        let to_q = vb.get((inner, query_dim), "to_q.weight")?;
+        let to_k = vb.get((inner, context_dim), "to_k.weight")?;
+        let to_v = vb.get((inner, context_dim), "to_v.weight")?;
+        Ok(Self {
+            to_q: Linear::new(to_q.clone(), None),
+            to_k: Linear::new(to_k.clone(), None),
+            to_v: Linear::new(to_v.clone(), None),
+            to_out: Linear::load(vb.pp("to_out.0"), inner, query_dim, true)?,
+            w_qkv: [to_q, to_k, to_v],
+            heads,
+            scale: 1.0 / ((inner / heads) as f64).sqrt(),
+            kind,
+            name,
+        })
+    }
+
+    /// The stable name the controller sees, e.g. `up.2.attn2.1`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `x`: `(b, h·w, c)`; `context`: `(b, keys, d)` for cross-attention. Returns `(b, h·w, c)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        spatial: (usize, usize),
+        control: &mut dyn AttentionControl,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let context = match (self.kind, context) {
+            (AttentionKind::CrossAttention, Some(c)) => c,
+            (AttentionKind::CrossAttention, None) => {
+                candle_core::bail!("{}: cross-attention needs a context", self.name)
+            }
+            (AttentionKind::SelfAttention, _) => x,
+        };
+        let out = match () {
+            _ if control.wants(self.kind) => self.controlled(x, context, spatial, control)?,
+            _ if self.kind == AttentionKind::SelfAttention && x.track_op() => self.recomputed(x)?,
+            _ => {
+                let (q, k, v) = self.project(x, context)?;
+                merge_heads(&self.fast().attend(&q, &k, &v)?, self.heads)?
+            }
+        };
+        self.to_out.forward(&out.to_dtype(dtype)?)
+    }
+
+    /// Split-head `q`, `k`, `v` in f32 (attention is always computed in f32, as diffusers'
+    /// `upcast_attention` does for SD 2.1).
+    fn project(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32);
+        Ok((
+            split_heads(&f32(self.to_q.forward(x)?)?, self.heads)?,
+            split_heads(&f32(self.to_k.forward(context)?)?, self.heads)?,
+            split_heads(&f32(self.to_v.forward(context)?)?, self.heads)?,
+        ))
+    }
+
+    fn fast(&self) -> RecomputedAttention {
+        RecomputedAttention {
+            chunk: HEAD_CHUNK,
+            scale: self.scale,
+        }
+    }
+
+    /// Materialises the probabilities, shows them to the controller and continues with what it
+    /// returns. The softmax is differentiable, so a controller may keep them in the graph.
+    fn controlled(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        spatial: (usize, usize),
+        control: &mut dyn AttentionControl,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, context)?;
+        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let probs = grad_ops::softmax_last_dim(&scores)?;
+        let site = AttentionSite {
+            layer: &self.name,
+            kind: self.kind,
+            spatial,
+            heads: self.heads,
+        };
+        let probs = control.attention(&site, probs)?;
+        merge_heads(&probs.matmul(&v)?, self.heads)
+    }
+
+    /// Self-attention inside a graph: keeps only `x`, recomputes everything in the backward.
+    fn recomputed(&self, x: &Tensor) -> Result<Tensor> {
+        let x_detached = x.detach();
+        let (q, k, v) = self.project(&x_detached, &x_detached)?;
+        let out = merge_heads(&self.fast().attend(&q, &k, &v)?, self.heads)?;
+        let (w_qkv, heads, attention) = (self.w_qkv.clone(), self.heads, self.fast());
+        with_vjp("self_attention", x, out, move |x, _, g| {
+            let x32 = x.to_dtype(DType::F32)?;
+            let w32: Vec<Tensor> = w_qkv
+                .iter()
+                .map(|w| w.to_dtype(DType::F32))
+                .collect::<Result<_>>()?;
+            let proj = |w: &Tensor| split_heads(&x32.broadcast_matmul(&w.t()?)?, heads);
+            let (q, k, v) = (proj(&w32[0])?, proj(&w32[1])?, proj(&w32[2])?);
+            let g = split_heads(&g.to_dtype(DType::F32)?, heads)?;
+            let (dq, dk, dv) = attention.backward(&q, &k, &v, &g)?;
+            let back = |d: &Tensor, w: &Tensor| merge_heads(d, heads)?.broadcast_matmul(w);
+            let dx = ((back(&dq, &w32[0])? + back(&dk, &w32[1])?)? + back(&dv, &w32[2])?)?;
+            dx.to_dtype(x.dtype())
+        })
+    }
+}
+
+/// GEGLU feed-forward: `Linear(d → 2·4d)`, `a·gelu(b)`, `Linear(4d → d)`.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            proj_in: Linear::load(vb.pp("net.0.proj"), dim, 2 * inner, true)?,
+            proj_out: Linear::load(vb.pp("net.2"), inner, dim, true)?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(x)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let (a, gate) = (
+            h.narrow(D::Minus1, 0, half)?,
+            h.narrow(D::Minus1, half, half)?,
+        );
+        self.proj_out.forward(&(a * gate.gelu_erf()?)?)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock`: self-attention, cross-attention, feed-forward.
+#[derive(Debug, Clone)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+/// Epsilon of the transformer blocks' layer norms.
+const LAYER_NORM_EPS: f64 = 1e-5;
+/// Epsilon of the spatial transformer's group norm.
+const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
+
+impl TransformerBlock {
+    fn load(
+        vb: VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        names: [String; 2],
+    ) -> Result<Self> {
+        let [self_name, cross_name] = names;
+        Ok(Self {
+            norm1: LayerNorm::load(vb.pp("norm1"), dim, LAYER_NORM_EPS)?,
+            attn1: Attention::load(
+                vb.pp("attn1"),
+                dim,
+                dim,
+                heads,
+                AttentionKind::SelfAttention,
+                self_name,
+            )?,
+            norm2: LayerNorm::load(vb.pp("norm2"), dim, LAYER_NORM_EPS)?,
+            attn2: Attention::load(
+                vb.pp("attn2"),
+                dim,
+                context_dim,
+                heads,
+                AttentionKind::CrossAttention,
+                cross_name,
+            )?,
+            norm3: LayerNorm::load(vb.pp("norm3"), dim, LAYER_NORM_EPS)?,
+            ff: FeedForward::load(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        spatial: (usize, usize),
+        control: &mut dyn AttentionControl,
+    ) -> Result<Tensor> {
+        let x = (self
+            .attn1
+            .forward(&self.norm1.forward(x)?, None, spatial, control)?
+            + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context), spatial, control)?
+            + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + x
+    }
+}
+
+/// How a spatial transformer enters and leaves token space.
+#[derive(Debug, Clone)]
+enum Projection {
+    /// 1×1 convolutions (SD 1.x).
+    Conv(Conv2d),
+    /// Linear layers on tokens (SD 2.x, `use_linear_projection`).
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel`: group norm, projection in, transformer blocks, projection
+/// out, residual.
+#[derive(Debug, Clone)]
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+/// The shape of a spatial transformer.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerShape {
+    /// Channels in and out.
+    pub channels: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Width of the text embeddings.
+    pub context_dim: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Group-norm groups.
+    pub groups: usize,
+    /// Linear instead of 1×1-conv projections.
+    pub linear_projection: bool,
+}
+
+impl SpatialTransformer {
+    /// Loads the module; `name` is the layer-name prefix and index, e.g. `("down.1", 0)`.
+    pub fn load(
+        vb: VarBuilder,
+        s: TransformerShape,
+        (prefix, index): (&str, usize),
+    ) -> Result<Self> {
+        let c = s.channels;
+        let projection = |name: &str| -> Result<Projection> {
+            Ok(if s.linear_projection {
+                Projection::Linear(Linear::load(vb.pp(name), c, c, true)?)
+            } else {
+                Projection::Conv(Conv2d::load(vb.pp(name), c, c, 1, 0, 1)?)
+            })
+        };
+        let blocks = (0..s.layers)
+            .map(|k| {
+                let n = index * s.layers + k;
+                let names = [format!("{prefix}.attn1.{n}"), format!("{prefix}.attn2.{n}")];
+                TransformerBlock::load(
+                    vb.pp(format!("transformer_blocks.{k}")),
+                    c,
+                    s.context_dim,
+                    s.heads,
+                    names,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            norm: GroupNorm::load(vb.pp("norm"), s.groups, c, TRANSFORMER_GROUP_NORM_EPS)?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+        })
+    }
+
+    /// The names of this module's cross-attention layers.
+    pub fn cross_attention_names(&self) -> impl Iterator<Item = &str> {
+        self.blocks.iter().map(|b| b.attn2.name())
+    }
+
+    /// `x`: `(b, c, h, w)`, `context`: `(b, 77, d)` → `(b, c, h, w)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        control: &mut dyn AttentionControl,
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
+        let normed = self.norm.forward(x)?;
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context, (h, w), control)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?.contiguous()?)?,
+            Projection::Linear(linear) => to_image(&linear.forward(&tokens)?)?,
+        };
+        out + x
+    }
+}

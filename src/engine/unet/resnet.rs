@@ -1,0 +1,133 @@
+//! The UNet's convolutional pieces: the resnet block and the two resamplers.
+//!
+//! They are ours rather than candle-transformers' so that their convolutions and norms are the
+//! latent-only-gradient ops of [`crate::engine::grad_ops`]; the weight names follow diffusers.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::engine::grad_ops::{Conv2d, GroupNorm, Linear};
+
+/// diffusers' `ResnetBlock2D` with a timestep embedding and SiLU.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale: f64,
+}
+
+/// What a resnet block needs to know besides its weights.
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetShape {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Width of the timestep embedding.
+    pub temb: usize,
+    /// Group-norm groups.
+    pub groups: usize,
+    /// Group-norm epsilon.
+    pub eps: f64,
+    /// The output is divided by this (the mid block's `mid_block_scale_factor`).
+    pub output_scale: f64,
+}
+
+impl ResnetBlock {
+    /// Loads the block from `vb` (`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`,
+    /// and `conv_shortcut` when the channel count changes).
+    pub fn load(vb: VarBuilder, s: ResnetShape) -> Result<Self> {
+        let conv_shortcut = if s.c_in != s.c_out {
+            Some(Conv2d::load(
+                vb.pp("conv_shortcut"),
+                s.c_in,
+                s.c_out,
+                1,
+                0,
+                1,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: GroupNorm::load(vb.pp("norm1"), s.groups, s.c_in, s.eps)?,
+            conv1: Conv2d::load(vb.pp("conv1"), s.c_in, s.c_out, 3, 1, 1)?,
+            time_emb_proj: Linear::load(vb.pp("time_emb_proj"), s.temb, s.c_out, true)?,
+            norm2: GroupNorm::load(vb.pp("norm2"), s.groups, s.c_out, s.eps)?,
+            conv2: Conv2d::load(vb.pp("conv2"), s.c_out, s.c_out, 3, 1, 1)?,
+            conv_shortcut,
+            output_scale: s.output_scale,
+        })
+    }
+
+    /// `x`: `(b, c_in, h, w)`, `temb`: `(b, temb)` → `(b, c_out, h, w)`.
+    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&candle_nn::ops::silu(temb)?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale
+        }
+    }
+}
+
+/// A stride-2 3×3 convolution that halves the spatial size.
+#[derive(Debug, Clone)]
+pub struct Downsample {
+    conv: Conv2d,
+}
+
+impl Downsample {
+    /// Loads `conv` from `vb` (diffusers' `downsamplers.0`).
+    pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::load(vb.pp("conv"), channels, channels, 3, padding, 2)?,
+        })
+    }
+}
+
+impl Module for Downsample {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.conv.forward(x)
+    }
+}
+
+/// Nearest-neighbour ×2 up-sampling (or to a given size) followed by a 3×3 convolution.
+#[derive(Debug, Clone)]
+pub struct Upsample {
+    conv: Conv2d,
+}
+
+impl Upsample {
+    /// Loads `conv` from `vb` (diffusers' `upsamplers.0`).
+    pub fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::load(vb.pp("conv"), channels, channels, 3, 1, 1)?,
+        })
+    }
+
+    /// Up-samples `x` to `(h, w)`.
+    pub fn forward_to(&self, x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+        self.conv.forward(&x.upsample_nearest2d(h, w)?)
+    }
+}

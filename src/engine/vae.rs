@@ -1,0 +1,243 @@
+//! The VAE: images in `[-1, 1]` ↔ latents scaled by the config's `scaling_factor` (0.18215).
+//!
+//! The encoder and decoder are assembled from candle-transformers' public blocks; they are ours
+//! only because candle's `AutoEncoderKL` keeps the posterior mean private and samples it with the
+//! unseedable CPU generator, while pix2pix-zero wants the mean by default and a seeded sample as
+//! an option.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
+    UpDecoderBlock2D, UpDecoderBlock2DConfig,
+};
+
+use super::config::VaeConfig;
+use super::rng::Rng;
+
+/// Epsilon of every group norm in the VAE.
+const VAE_NORM_EPS: f64 = 1e-6;
+
+/// How an image becomes a latent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LatentDraw {
+    /// The posterior mean: deterministic (our default).
+    Mean,
+    /// `mean + σ·n` with `n` drawn from our generator with this seed (the authors' behaviour,
+    /// made reproducible).
+    Sample(u64),
+}
+
+/// The encoder's Gaussian posterior over latents (unscaled).
+#[derive(Debug, Clone)]
+pub struct Posterior {
+    /// `(b, c, h/8, w/8)`.
+    pub mean: Tensor,
+    /// `(b, c, h/8, w/8)`, clamped to `[-30, 20]` as diffusers does.
+    pub logvar: Tensor,
+}
+
+impl Posterior {
+    /// The unscaled latent for `draw`.
+    pub fn draw(&self, draw: LatentDraw) -> Result<Tensor> {
+        match draw {
+            LatentDraw::Mean => Ok(self.mean.clone()),
+            LatentDraw::Sample(seed) => {
+                let noise = Rng::new(seed).randn(
+                    self.mean.shape(),
+                    self.mean.dtype(),
+                    self.mean.device(),
+                )?;
+                &self.mean + (self.logvar.clone() * 0.5)?.exp()?.mul(&noise)?
+            }
+        }
+    }
+}
+
+fn conv3(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<candle_nn::Conv2d> {
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    candle_nn::conv2d(c_in, c_out, 3, cfg, vb)
+}
+
+fn mid_block(vb: VarBuilder, channels: usize, groups: usize) -> Result<UNetMidBlock2D> {
+    let cfg = UNetMidBlock2DConfig {
+        resnet_eps: VAE_NORM_EPS,
+        output_scale_factor: 1.,
+        attn_num_head_channels: None,
+        resnet_groups: Some(groups),
+        ..Default::default()
+    };
+    UNetMidBlock2D::new(vb, channels, None, cfg)
+}
+
+#[derive(Debug)]
+struct Encoder {
+    conv_in: candle_nn::Conv2d,
+    down: Vec<DownEncoderBlock2D>,
+    mid: UNetMidBlock2D,
+    norm_out: candle_nn::GroupNorm,
+    conv_out: candle_nn::Conv2d,
+}
+
+impl Encoder {
+    fn load(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
+        let chans = &c.block_out_channels;
+        let down = (0..chans.len())
+            .map(|i| {
+                let cfg = DownEncoderBlock2DConfig {
+                    num_layers: c.layers_per_block,
+                    resnet_eps: VAE_NORM_EPS,
+                    resnet_groups: c.norm_num_groups,
+                    add_downsample: i + 1 < chans.len(),
+                    downsample_padding: 0,
+                    ..Default::default()
+                };
+                let c_in = chans[i.saturating_sub(1)];
+                DownEncoderBlock2D::new(vb.pp(format!("down_blocks.{i}")), c_in, chans[i], cfg)
+            })
+            .collect::<Result<_>>()?;
+        let last = *chans.last().expect("validated non-empty");
+        Ok(Self {
+            conv_in: conv3(vb.pp("conv_in"), c.in_channels, chans[0])?,
+            down,
+            mid: mid_block(vb.pp("mid_block"), last, c.norm_num_groups)?,
+            norm_out: candle_nn::group_norm(
+                c.norm_num_groups,
+                last,
+                VAE_NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv3(vb.pp("conv_out"), last, 2 * c.latent_channels)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for block in &self.down {
+            h = block.forward(&h)?;
+        }
+        let h = self.norm_out.forward(&self.mid.forward(&h, None)?)?;
+        self.conv_out.forward(&candle_nn::ops::silu(&h)?)
+    }
+}
+
+#[derive(Debug)]
+struct Decoder {
+    conv_in: candle_nn::Conv2d,
+    mid: UNetMidBlock2D,
+    up: Vec<UpDecoderBlock2D>,
+    norm_out: candle_nn::GroupNorm,
+    conv_out: candle_nn::Conv2d,
+}
+
+impl Decoder {
+    fn load(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
+        let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let up = (0..reversed.len())
+            .map(|i| {
+                let cfg = UpDecoderBlock2DConfig {
+                    num_layers: c.layers_per_block + 1,
+                    resnet_eps: VAE_NORM_EPS,
+                    resnet_groups: c.norm_num_groups,
+                    add_upsample: i + 1 < reversed.len(),
+                    ..Default::default()
+                };
+                let c_in = reversed[i.saturating_sub(1)];
+                UpDecoderBlock2D::new(vb.pp(format!("up_blocks.{i}")), c_in, reversed[i], cfg)
+            })
+            .collect::<Result<_>>()?;
+        let first = c.block_out_channels[0];
+        Ok(Self {
+            conv_in: conv3(vb.pp("conv_in"), c.latent_channels, reversed[0])?,
+            mid: mid_block(vb.pp("mid_block"), reversed[0], c.norm_num_groups)?,
+            up,
+            norm_out: candle_nn::group_norm(
+                c.norm_num_groups,
+                first,
+                VAE_NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv3(vb.pp("conv_out"), first, c.out_channels)?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let mut h = self.mid.forward(&self.conv_in.forward(z)?, None)?;
+        for block in &self.up {
+            h = block.forward(&h)?;
+        }
+        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        self.conv_out.forward(&h)
+    }
+}
+
+/// The autoencoder of a Stable Diffusion model.
+#[derive(Debug)]
+pub struct Vae {
+    config: VaeConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Option<candle_nn::Conv2d>,
+    post_quant_conv: Option<candle_nn::Conv2d>,
+}
+
+impl Vae {
+    /// Loads the VAE described by `config` from diffusers-named weights.
+    pub fn load(vb: VarBuilder, config: VaeConfig) -> Result<Self> {
+        let lc = config.latent_channels;
+        let one_by_one =
+            |name: &str, c: usize| candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name));
+        Ok(Self {
+            encoder: Encoder::load(vb.pp("encoder"), &config)?,
+            decoder: Decoder::load(vb.pp("decoder"), &config)?,
+            quant_conv: if config.use_quant_conv {
+                Some(one_by_one("quant_conv", 2 * lc)?)
+            } else {
+                None
+            },
+            post_quant_conv: if config.use_post_quant_conv {
+                Some(one_by_one("post_quant_conv", lc)?)
+            } else {
+                None
+            },
+            config,
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// The posterior for `image`: `(b, 3, h, w)` in `[-1, 1]`, `h` and `w` multiples of 8.
+    pub fn posterior(&self, image: &Tensor) -> Result<Posterior> {
+        let moments = self.encoder.forward(image)?;
+        let moments = match &self.quant_conv {
+            Some(conv) => conv.forward(&moments)?,
+            None => moments,
+        };
+        let lc = self.config.latent_channels;
+        Ok(Posterior {
+            mean: moments.narrow(1, 0, lc)?,
+            logvar: moments.narrow(1, lc, lc)?.clamp(-30f32, 20f32)?,
+        })
+    }
+
+    /// `image` in `[-1, 1]` → latent `(b, 4, h/8, w/8)` scaled by `scaling_factor`.
+    pub fn encode(&self, image: &Tensor, draw: LatentDraw) -> Result<Tensor> {
+        self.posterior(image)?.draw(draw)? * self.config.scaling_factor
+    }
+
+    /// Scaled latent `(b, 4, h, w)` → image `(b, 3, 8h, 8w)`, roughly in `[-1, 1]` (not clamped).
+    pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+        let z = (latent / self.config.scaling_factor)?;
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(&z)?,
+            None => z,
+        };
+        self.decoder.forward(&z)
+    }
+}
