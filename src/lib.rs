@@ -7,3 +7,4 @@
 
 pub mod edit;
 pub mod engine;
+pub mod export;

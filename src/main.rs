@@ -1,1 +1,43 @@
-fn main() {}
+//! `p2pz`: the pix2pix-zero command line.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+// mimalloc measurably helps candle, which allocates a fresh buffer for every op.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Zero-shot image-to-image translation (pix2pix-zero) on Stable Diffusion.
+#[derive(Debug, Parser)]
+#[command(name = "p2pz", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show what a model folder holds: components, dtypes, parameters, attention layers.
+    Info(cli::info::InfoArgs),
+    /// Generate an image from a prompt.
+    Generate(cli::generate::GenerateArgs),
+    /// Time the UNet and VAE on a full-size SD-1.5 architecture with random weights.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
+        Command::Info(args) => cli::info::run(args),
+        Command::Generate(args) => cli::generate::run(args),
+        Command::Bench(args) => cli::bench::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the whole chain of causes on one line, without a backtrace.
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

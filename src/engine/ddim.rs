@@ -318,6 +318,41 @@ mod tests {
     }
 
     #[test]
+    fn v_prediction_steps_like_the_equivalent_epsilon() {
+        let eps_ddim = Ddim::new(sd_config()).unwrap();
+        let mut v_config = sd_config();
+        v_config.prediction_type = PredictionType::VPrediction;
+        let v_ddim = Ddim::new(v_config).unwrap();
+        let dev = Device::Cpu;
+        let x0 = Tensor::new(&[0.4f32, -0.8, 1.5], &dev).unwrap();
+        let eps = Tensor::new(&[-1.1f32, 0.3, 0.2], &dev).unwrap();
+        let a = eps_ddim.alphas_cumprod()[601] as f64;
+        let x = ((&x0 * a.sqrt()).unwrap() + (&eps * (1.0 - a).sqrt()).unwrap()).unwrap();
+        let v = ((&eps * a.sqrt()).unwrap() - (&x0 * (1.0 - a).sqrt()).unwrap()).unwrap();
+        let by_eps = eps_ddim.step(&eps, 601, &x, 50).unwrap();
+        let by_v = v_ddim.step(&v, 601, &x, 50).unwrap();
+        let err: f32 = (by_eps - by_v)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(err < 1e-5, "{err}");
+        let back = v_ddim.epsilon(&v, &x, a).unwrap();
+        let err: f32 = (back - eps)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(err < 1e-5, "{err}");
+    }
+
+    #[test]
     fn inverse_step_undoes_forward_step_for_a_fixed_prediction() {
         let ddim = Ddim::new(sd_config()).unwrap();
         let dev = Device::Cpu;

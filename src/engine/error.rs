@@ -82,13 +82,29 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
 
+    /// The user cancelled a long computation.
+    #[error("cancelled")]
+    Cancelled,
+
     /// A tensor operation failed.
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 
     /// A file could not be read or written.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set: users get
+/// the cause, not 30 frames of candle internals.
+pub fn candle_message(error: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match error {
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        other => other.to_string(),
+    }
 }
 
 /// The engine's result type.

@@ -13,7 +13,7 @@
 //! This module does not know about UNets or attention controllers; it only offers differentiable
 //! building blocks.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -266,9 +266,19 @@ impl LayerNorm {
     }
 }
 
+/// The dtype that norms and attention compute in: f64 stays f64, everything else is upcast
+/// to f32 (half-precision statistics and softmaxes lose too much).
+pub fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// `x̂ = (x − μ)/σ` over the last dimension, with `1/σ` kept for the backward.
 fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(compute_dtype(x.dtype()))?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -287,13 +297,20 @@ fn normalize_last_dim_grad(x_hat: &Tensor, inv_std: &Tensor, g_hat: &Tensor) -> 
 impl Module for LayerNorm {
     /// `x`: `(..., dim)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = candle_nn::ops::layer_norm(&x.detach(), &self.weight, &self.bias, self.eps as f32)?;
+        let y = if x.dtype() == DType::F64 {
+            // candle's fused kernel has no f64 version.
+            normalize_last_dim(&x.detach(), self.eps)?
+                .0
+                .broadcast_mul(&self.weight)?
+                .broadcast_add(&self.bias)?
+        } else {
+            candle_nn::ops::layer_norm(&x.detach(), &self.weight, &self.bias, self.eps as f32)?
+        };
         let (weight, eps) = (self.weight.clone(), self.eps);
         with_vjp("layer_norm", x, y, move |x, _, g| {
             let (x_hat, inv_std) = normalize_last_dim(x, eps)?;
-            let g_hat = g
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+            let dt = x_hat.dtype();
+            let g_hat = g.to_dtype(dt)?.broadcast_mul(&weight.to_dtype(dt)?)?;
             normalize_last_dim_grad(&x_hat, &inv_std, &g_hat)?.to_dtype(x.dtype())
         })
     }
@@ -351,9 +368,10 @@ impl Module for GroupNorm {
         let this = self.clone();
         with_vjp("group_norm", x, y, move |x, _, g| {
             let (x_hat, inv_std) = normalize_last_dim(&this.grouped(x)?, this.eps)?;
+            let dt = x_hat.dtype();
             let g_hat = g
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&this.per_channel(&this.weight.to_dtype(DType::F32)?)?)?;
+                .to_dtype(dt)?
+                .broadcast_mul(&this.per_channel(&this.weight.to_dtype(dt)?)?)?;
             let g_hat = this.grouped(&g_hat)?;
             normalize_last_dim_grad(&x_hat, &inv_std, &g_hat)?
                 .reshape(x.shape())?
@@ -426,24 +444,4 @@ impl RecomputedAttention {
             Tensor::cat(&dv, 0)?,
         ))
     }
-}
-
-/// Makes `f(x)` differentiable by recomputation: the forward runs without a graph and keeps only
-/// `x`; the backward replays `f` on a fresh leaf and differentiates it. Used for blocks whose
-/// intermediate activations are large and cheap to recompute.
-pub fn checkpoint(
-    name: &'static str,
-    x: &Tensor,
-    f: Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>,
-) -> Result<Tensor> {
-    let y = f(&x.detach())?;
-    with_vjp(name, x, y, move |x, _, g| {
-        let leaf = candle_core::Var::from_tensor(&x.detach())?;
-        let y = f(leaf.as_tensor())?;
-        let grads = (y * g.detach())?.sum_all()?.backward()?;
-        match grads.get(leaf.as_tensor()) {
-            Some(dx) => Ok(dx.clone()),
-            None => x.zeros_like(),
-        }
-    })
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod ddim;
 pub mod error;
+pub mod generate;
 pub mod grad_ops;
 pub mod rng;
 pub mod source;
@@ -56,7 +57,10 @@ fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }.map_err(|e| {
         Error::Weights {
             path: path.to_path_buf(),
-            message: format!("{e}; the file is unreadable or not safetensors: download it again"),
+            message: format!(
+                "{}; the file is unreadable or not safetensors: download it again",
+                error::candle_message(&e)
+            ),
         }
     })
 }
@@ -69,8 +73,9 @@ fn weights_error<'a>(
     move |e| Error::Weights {
         path: weights.to_path_buf(),
         message: format!(
-            "{e}. The weights do not match `{}`: the two come from different models, or the \
+            "{}. The weights do not match `{}`: the two come from different models, or the \
              download is incomplete; download the model again",
+            error::candle_message(&e),
             config.display()
         ),
     }

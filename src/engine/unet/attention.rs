@@ -7,12 +7,12 @@
 //!   probabilities head by head during the backward;
 //! - otherwise: the fast fused path, attending a few heads at a time to bound memory.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::engine::control::{AttentionControl, AttentionKind, AttentionSite};
 use crate::engine::grad_ops::{
-    self, with_vjp, Conv2d, GroupNorm, LayerNorm, Linear, RecomputedAttention,
+    self, compute_dtype, with_vjp, Conv2d, GroupNorm, LayerNorm, Linear, RecomputedAttention,
 };
 
 /// Heads attended together on the fast path and in the recomputing backward.
@@ -111,14 +111,14 @@ impl Attention {
         self.to_out.forward(&out.to_dtype(dtype)?)
     }
 
-    /// Split-head `q`, `k`, `v` in f32 (attention is always computed in f32, as diffusers'
-    /// `upcast_attention` does for SD 2.1).
+    /// Split-head `q`, `k`, `v`, upcast to at least f32 (half-precision attention is always
+    /// computed in f32, as diffusers' `upcast_attention` does for SD 2.1).
     fn project(&self, x: &Tensor, context: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let f32 = |t: Tensor| t.to_dtype(DType::F32);
+        let up = |t: Tensor| t.to_dtype(compute_dtype(x.dtype()));
         Ok((
-            split_heads(&f32(self.to_q.forward(x)?)?, self.heads)?,
-            split_heads(&f32(self.to_k.forward(context)?)?, self.heads)?,
-            split_heads(&f32(self.to_v.forward(context)?)?, self.heads)?,
+            split_heads(&up(self.to_q.forward(x)?)?, self.heads)?,
+            split_heads(&up(self.to_k.forward(context)?)?, self.heads)?,
+            split_heads(&up(self.to_v.forward(context)?)?, self.heads)?,
         ))
     }
 
@@ -158,14 +158,15 @@ impl Attention {
         let out = merge_heads(&self.fast().attend(&q, &k, &v)?, self.heads)?;
         let (w_qkv, heads, attention) = (self.w_qkv.clone(), self.heads, self.fast());
         with_vjp("self_attention", x, out, move |x, _, g| {
-            let x32 = x.to_dtype(DType::F32)?;
+            let dt = compute_dtype(x.dtype());
+            let x32 = x.to_dtype(dt)?;
             let w32: Vec<Tensor> = w_qkv
                 .iter()
-                .map(|w| w.to_dtype(DType::F32))
+                .map(|w| w.to_dtype(dt))
                 .collect::<Result<_>>()?;
             let proj = |w: &Tensor| split_heads(&x32.broadcast_matmul(&w.t()?)?, heads);
             let (q, k, v) = (proj(&w32[0])?, proj(&w32[1])?, proj(&w32[2])?);
-            let g = split_heads(&g.to_dtype(DType::F32)?, heads)?;
+            let g = split_heads(&g.to_dtype(dt)?, heads)?;
             let (dq, dk, dv) = attention.backward(&q, &k, &v, &g)?;
             let back = |d: &Tensor, w: &Tensor| merge_heads(d, heads)?.broadcast_matmul(w);
             let dx = ((back(&dq, &w32[0])? + back(&dk, &w32[1])?)? + back(&dv, &w32[2])?)?;

@@ -1,0 +1,132 @@
+//! The `p2pz` command line: one file per subcommand, shared options here.
+
+pub mod bench;
+pub mod generate;
+pub mod info;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use pix2pix_zero::engine::source::{self, DownloadProgress, ResolveOptions, DEFAULT_MODEL};
+use pix2pix_zero::engine::{ModelFiles, StableDiffusion};
+
+/// Numeric precision of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// f32 everywhere: the reference precision, and the fastest on CPUs.
+    F32,
+    /// f16 weights and activations (attention and norms still in f32): for GPUs.
+    F16,
+}
+
+/// Options every model-using command takes.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A diffusers-format folder or a Hugging Face repo id (looked up in the HF cache, downloaded
+    /// when missing unless HF_HUB_OFFLINE is set).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Precision of weights and activations.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+    /// When downloading, prefer the `*.fp16.safetensors` files (half the download).
+    #[arg(long)]
+    pub fp16_download: bool,
+}
+
+/// A terminal progress bar for downloads: bytes, speed and time left.
+struct DownloadBar {
+    bar: Option<(String, ProgressBar)>,
+}
+
+impl DownloadProgress for DownloadBar {
+    fn progress(&mut self, file: &str, done: u64, total: u64) {
+        if self.bar.as_ref().is_none_or(|(f, _)| f != file) {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(file.to_string());
+            if let Some((_, old)) = self.bar.replace((file.to_string(), bar)) {
+                old.finish();
+            }
+        }
+        if let Some((_, bar)) = &self.bar {
+            bar.set_length(total);
+            bar.set_position(done);
+            if done >= total {
+                bar.finish();
+            }
+        }
+    }
+}
+
+impl ModelArgs {
+    /// The device to run on: CUDA or Metal when compiled in and present, else the CPU.
+    pub fn device(&self) -> Result<Device> {
+        if self.cpu {
+            return Ok(Device::Cpu);
+        }
+        if candle_core::utils::cuda_is_available() {
+            return Ok(Device::new_cuda(0)?);
+        }
+        if candle_core::utils::metal_is_available() {
+            return Ok(Device::new_metal(0)?);
+        }
+        Ok(Device::Cpu)
+    }
+
+    /// The dtype for `--precision`.
+    pub fn dtype(&self) -> DType {
+        match self.precision {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+        }
+    }
+
+    /// Finds (and if needed downloads) the model's files.
+    pub fn files(&self) -> Result<ModelFiles> {
+        let mut options = ResolveOptions::from_env();
+        options.prefer_fp16_download = self.fp16_download;
+        let mut bar = DownloadBar { bar: None };
+        Ok(source::resolve(&self.model, &options, &mut bar)?)
+    }
+
+    /// Finds and loads the model.
+    pub fn load(&self) -> Result<StableDiffusion> {
+        let files = self.files()?;
+        let device = self.device()?;
+        let root = files.root.clone();
+        StableDiffusion::load(files, &device, self.dtype())
+            .with_context(|| format!("loading the model from `{}`", root.display()))
+    }
+}
+
+/// A step progress bar with the stage name and time left.
+pub fn step_bar(total: usize, stage: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] step {pos}/{len}, {elapsed} elapsed, eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(stage.to_string());
+    bar
+}
+
+/// Resolves a relative output path against the working directory, for messages.
+pub fn shown(path: &std::path::Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
