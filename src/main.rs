@@ -22,6 +22,12 @@ enum Command {
     Info(cli::info::InfoArgs),
     /// Generate an image from a prompt.
     Generate(cli::generate::GenerateArgs),
+    /// Compute an edit direction from sentences about two words.
+    Direction(cli::editing::DirectionArgs),
+    /// Invert a photo (DDIM inversion with noise regularization) into a session file.
+    Invert(cli::editing::InvertCommand),
+    /// Edit a photo (or a generated image) from one word to another.
+    Edit(cli::editing::EditCommand),
     /// Time the UNet and VAE on a full-size SD-1.5 architecture with random weights.
     Bench(cli::bench::BenchArgs),
 }
@@ -31,6 +37,9 @@ fn main() -> std::process::ExitCode {
         Command::Info(args) => cli::info::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Direction(args) => cli::editing::run_direction(args),
+        Command::Invert(args) => cli::editing::run_invert(args),
+        Command::Edit(args) => cli::editing::run_edit(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -69,10 +69,10 @@ pub fn initial_noise(
 }
 
 /// `ε_u + w·(ε_c − ε_u)` from a `[uncond; cond]` batch prediction.
-pub fn classifier_free_guidance(prediction: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn classifier_free_guidance(prediction: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let uncond = prediction.i(0..1)?;
     let cond = prediction.i(1..2)?;
-    Ok((&uncond + ((cond - &uncond)? * scale)?)?)
+    &uncond + ((cond - &uncond)? * scale)?
 }
 
 /// Samples a latent for `params`, reporting each step and stopping within one step of `cancel`.
