@@ -120,3 +120,190 @@ fn bad_input_fails_with_a_message_and_a_nonzero_exit() {
         "{err}"
     );
 }
+
+/// Writes the editor fixture's photo as a PNG (128×96, so the working size differs from it).
+fn write_photo(dir: &std::path::Path) -> std::path::PathBuf {
+    let image = image::RgbImage::from_fn(160, 120, |x, y| {
+        image::Rgb([
+            (x * 255 / 160) as u8,
+            (y * 255 / 120) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    });
+    let path = dir.join("photo.png");
+    image.save(&path).unwrap();
+    path
+}
+
+fn edit_command(dir: &std::path::Path, photo: &std::path::Path) -> Command {
+    edit_words(dir, photo, ("cat", "dog"))
+}
+
+fn edit_words(dir: &std::path::Path, photo: &std::path::Path, (from, to): (&str, &str)) -> Command {
+    let mut cmd = p2pz();
+    cmd.env("XDG_CACHE_HOME", dir.join("cache"))
+        .arg("edit")
+        .arg(photo)
+        .arg("--model")
+        .arg(common::fixture_dir())
+        .args([
+            "--caption",
+            "a photo of a cat",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--sentences",
+            "16",
+        ])
+        .args(["--steps", "3", "--size", "128"]);
+    cmd
+}
+
+#[test]
+fn edit_writes_the_result_at_the_photo_size_and_a_re_edit_reuses_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = write_photo(dir.path());
+    let session = dir.path().join("s.safetensors");
+    let out = edit_command(dir.path(), &photo)
+        .arg("--session")
+        .arg(&session)
+        .arg("--out")
+        .arg(dir.path().join("edited.png"))
+        .arg("--reconstruction")
+        .arg(dir.path().join("recon.png"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["edited.png", "recon.png"] {
+        let image = image::open(dir.path().join(name)).unwrap();
+        assert_eq!(
+            (image.width(), image.height()),
+            (160, 120),
+            "exported at the photo's own size"
+        );
+    }
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("edited.json")).unwrap())
+            .unwrap();
+    assert_eq!(sidecar["to"], "dog");
+    assert_eq!(sidecar["edit"]["guidance"]["lambda_xa"], 0.1);
+    assert!(session.is_file());
+
+    let out = edit_command(dir.path(), &photo)
+        .args(["--xa", "0.2", "--session"])
+        .arg(&session)
+        .arg("--out")
+        .arg(dir.path().join("edited2.png"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("inversion skipped") && err.contains("from the session cache"),
+        "{err}"
+    );
+}
+
+#[test]
+fn editor_bad_input_gets_a_message_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = write_photo(dir.path());
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "should fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let out = dir.path().join("out.png");
+
+    let truncated = dir.path().join("truncated.png");
+    let bytes = std::fs::read(&photo).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let err = run(edit_command(dir.path(), &truncated).arg("--out").arg(&out));
+    assert!(
+        err.contains("truncated.png") && err.contains("not a readable image"),
+        "{err}"
+    );
+
+    let err = run(edit_words(dir.path(), &photo, ("cat", "Cat"))
+        .arg("--out")
+        .arg(&out));
+    assert!(err.contains("both `cat`"), "{err}");
+
+    let err = run(edit_words(dir.path(), &photo, (" ", "dog"))
+        .arg("--out")
+        .arg(&out));
+    assert!(err.contains("empty"), "{err}");
+
+    let err = run(edit_command(dir.path(), &photo).arg("--out").arg(&photo));
+    assert!(err.contains("never overwritten"), "{err}");
+
+    let wrong = dir.path().join("wrong.safetensors");
+    pix2pix_zero::edit::tensor_file::encode(
+        &[(
+            "direction",
+            &candle_core::Tensor::zeros(
+                (1, 77, 768),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap(),
+        )],
+        Default::default(),
+    )
+    .map(|b| std::fs::write(&wrong, b).unwrap())
+    .unwrap();
+    let err = run(edit_command(dir.path(), &photo)
+        .arg("--direction")
+        .arg(&wrong)
+        .arg("--out")
+        .arg(&out));
+    assert!(
+        err.contains("(1, 77, 32)") && err.contains("[1, 77, 768]"),
+        "{err}"
+    );
+
+    // A session made for another photo is refused.
+    let session = dir.path().join("s.safetensors");
+    let ok = p2pz()
+        .arg("invert")
+        .arg(&photo)
+        .arg("--model")
+        .arg(common::fixture_dir())
+        .args([
+            "--caption",
+            "a photo of a cat",
+            "--steps",
+            "3",
+            "--size",
+            "128",
+            "--session",
+        ])
+        .arg(&session)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let other = dir.path().join("other.png");
+    image::RgbImage::from_pixel(160, 120, image::Rgb([9, 9, 9]))
+        .save(&other)
+        .unwrap();
+    let err = run(edit_command(dir.path(), &other)
+        .arg("--session")
+        .arg(&session)
+        .arg("--out")
+        .arg(&out));
+    assert!(err.contains("another image"), "{err}");
+    assert!(!out.exists(), "nothing is written on failure");
+}
