@@ -22,6 +22,8 @@ enum Command {
     Info(cli::info::InfoArgs),
     /// Generate an image from a prompt.
     Generate(cli::generate::GenerateArgs),
+    /// Caption a photo with BLIP (beam search, as the authors decode it).
+    Caption(cli::editing::CaptionCommand),
     /// Compute an edit direction from sentences about two words.
     Direction(cli::editing::DirectionArgs),
     /// Invert a photo (DDIM inversion with noise regularization) into a session file.
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Info(args) => cli::info::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Caption(args) => cli::editing::run_caption(args),
         Command::Direction(args) => cli::editing::run_direction(args),
         Command::Invert(args) => cli::editing::run_invert(args),
         Command::Edit(args) => cli::editing::run_edit(args),

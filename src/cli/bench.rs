@@ -47,6 +47,14 @@ pub struct BenchArgs {
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Time the editor instead: inversion, first edit, re-edit and the session's size, on the tiny
+    /// fixture model (128², 10 steps) and on a full-size SD-1.5 with random weights (at --sizes,
+    /// --editor-steps steps).
+    #[arg(long)]
+    editor: bool,
+    /// DDIM steps of the full-size editor benchmark (the paper uses 50; each costs minutes on a CPU).
+    #[arg(long, default_value_t = 3)]
+    editor_steps: usize,
     /// Internal: run one case in this process and print its result as JSON.
     #[arg(long, num_args = 2, value_names = ["CASE", "SIZE"], hide = true)]
     worker: Vec<String>,
@@ -236,6 +244,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&measurement)?);
         return Ok(());
     }
+    if args.editor {
+        return editor_bench(&args);
+    }
     let cases: Vec<String> = if args.cases.is_empty() {
         CASES.iter().map(|c| c.to_string()).collect()
     } else {
@@ -295,6 +306,144 @@ pub fn run(args: BenchArgs) -> Result<()> {
             &path,
             serde_json::to_string_pretty(&results)?.as_bytes(),
         )?;
+    }
+    Ok(())
+}
+
+/// Random weights that also keep every tensor they hand out, so a model built from them can be
+/// written to disk.
+struct RecordingWeights {
+    kept: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Tensor>>>,
+}
+
+impl SimpleBackend for RecordingWeights {
+    fn get(&self, shape: Shape, name: &str, init: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = RandomWeights.get(shape, name, init, dtype, dev)?;
+        self.kept.lock().expect("not poisoned").insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        RandomWeights.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        // Say no to the optional `text_model.` prefix and to new-style VAE attention names, so
+        // the files get the names real SD 1.5 repos use.
+        !name.starts_with("text_model.") && !name.ends_with("to_q.weight")
+    }
+}
+
+/// Writes a diffusers-format SD-1.5 folder with random weights (about 4.3 GB) into `dir`,
+/// reusing the fixture's tokenizer and scheduler config.
+fn write_random_sd15(dir: &std::path::Path) -> Result<()> {
+    use pix2pix_zero::engine::config::TextEncoderConfig;
+    use pix2pix_zero::engine::text::ClipTextEncoder;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
+    let text_config = serde_json::json!({
+        "architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 768,
+        "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
+    });
+    let unet_config = serde_json::json!({
+        "_class_name": "UNet2DConditionModel", "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 2, "sample_size": 64
+    });
+    let vae_config = serde_json::json!({
+        "block_out_channels": [128, 256, 512, 512], "latent_channels": 4, "layers_per_block": 2,
+        "norm_num_groups": 32, "scaling_factor": 0.18215
+    });
+    let components: [(&str, &str, serde_json::Value); 3] = [
+        ("text_encoder", "model.safetensors", text_config.clone()),
+        ("unet", "diffusion_pytorch_model.safetensors", unet_config.clone()),
+        ("vae", "diffusion_pytorch_model.safetensors", vae_config.clone()),
+    ];
+    for (component, file, config) in components {
+        let folder = dir.join(component);
+        std::fs::create_dir_all(&folder)?;
+        std::fs::write(folder.join("config.json"), config.to_string())?;
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let backend = RecordingWeights { kept: kept.clone() };
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+        match component {
+            "text_encoder" => drop(ClipTextEncoder::load(vb, serde_json::from_value::<TextEncoderConfig>(text_config.clone())?)?),
+            "unet" => drop(UNet::load(vb, sd15_unet()?)?),
+            _ => drop(Vae::load(vb, sd15_vae()?)?),
+        }
+        let kept = std::mem::take(&mut *kept.lock().expect("not poisoned"));
+        candle_core::safetensors::save(&kept, folder.join(file))?;
+    }
+    for (from, to) in [("tokenizer", "tokenizer"), ("scheduler", "scheduler")] {
+        std::fs::create_dir_all(dir.join(to))?;
+        for entry in std::fs::read_dir(fixture.join(from))?.flatten() {
+            std::fs::copy(entry.path(), dir.join(to).join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Times inversion, a first edit, a re-edit and reports the session's size for one model.
+fn editor_case(model_dir: &std::path::Path, label: &str, side: usize, steps: usize) -> Result<()> {
+    use pix2pix_zero::edit::guidance::GuidanceParams;
+    use pix2pix_zero::edit::inversion::InversionParams;
+    use pix2pix_zero::edit::noise_reg::NoiseRegularization;
+    use pix2pix_zero::edit::{edit, photo_session, EditSettings, PhotoSettings};
+    use pix2pix_zero::engine::ddim::InverseSchedule;
+    use std::sync::atomic::AtomicBool;
+
+    let files = pix2pix_zero::engine::source::from_folder(model_dir, label)?;
+    let model = pix2pix_zero::engine::StableDiffusion::load(files, &Device::Cpu, DType::F32)?;
+    let mut rng = Rng::new(1);
+    let image = (rng.randn((1, 3, side, side), DType::F32, &Device::Cpu)? * 0.3)?.clamp(-1f32, 1f32)?;
+    let d = model.text.encoder.config().hidden_size;
+    let direction = (rng.randn((1, 77, d), DType::F32, &Device::Cpu)? * 0.3)?;
+    let never = AtomicBool::new(false);
+    let photo = PhotoSettings {
+        latent_draw: LatentDraw::Mean,
+        inversion: InversionParams {
+            steps,
+            schedule: InverseSchedule::Authors,
+            regularization: Some(NoiseRegularization::default()),
+        },
+        seed: 0,
+    };
+    let settings = |xa| EditSettings {
+        guidance: GuidanceParams { lambda_xa: xa, guidance_scale: 5.0 },
+        strength: 1.0,
+    };
+    let start = Instant::now();
+    let mut session = photo_session(&model, &image, 0, "a photo of a cat", steps, &photo, &mut |_| {}, &never)?;
+    let invert_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    edit(&model, &mut session, &direction, &settings(0.1), &mut |_| {}, &never)?;
+    let first_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let again = edit(&model, &mut session, &direction, &settings(0.15), &mut |_| {}, &never)?;
+    let re_edit_s = start.elapsed().as_secs_f64();
+    anyhow::ensure!(again.reused_reference, "the re-edit did not reuse the cache");
+    println!(
+        "{label:<22} {side:>5} {steps:>5} {invert_s:>10.1} {first_s:>12.1} {re_edit_s:>10.1} {:>10.1}",
+        session.bytes() as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// `p2pz bench --editor`.
+fn editor_bench(args: &BenchArgs) -> Result<()> {
+    println!("p2pz bench --editor: f32, CPU, {} threads", candle_core::utils::get_num_threads());
+    println!(
+        "{:<22} {:>5} {:>5} {:>10} {:>12} {:>10} {:>10}",
+        "model", "size", "steps", "invert s", "first edit s", "re-edit s", "cache MB"
+    );
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
+    editor_case(&fixture, "tiny fixture", 128, 10)?;
+    let dir = tempfile::tempdir()?;
+    write_random_sd15(dir.path())?;
+    for &side in &args.sizes {
+        editor_case(dir.path(), "SD-1.5, random weights", side, args.editor_steps)?;
     }
     Ok(())
 }

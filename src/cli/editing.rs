@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, ValueEnum};
+use pix2pix_zero::edit::caption::{Captioner, DEFAULT_CAPTIONER};
 use pix2pix_zero::edit::direction::{self, EmbeddingCache, SentenceSource};
 use pix2pix_zero::edit::guidance::GuidanceParams;
 use pix2pix_zero::edit::image as photo;
@@ -21,7 +22,7 @@ use pix2pix_zero::engine::vae::LatentDraw;
 use pix2pix_zero::engine::StableDiffusion;
 use pix2pix_zero::export::{save_png, write_atomically};
 
-use super::{shown, step_bar, ModelArgs};
+use super::{shown, step_bar, DownloadBar, ModelArgs};
 
 /// The authors' λ_xa for real photos (`edit_real.py`).
 const XA_REAL: f64 = 0.1;
@@ -98,9 +99,12 @@ pub enum ShiftArg {
 /// How a photo is inverted.
 #[derive(Debug, Clone, Args)]
 pub struct InvertArgs {
-    /// The caption: the text that conditions inversion and reconstruction.
+    /// The caption: the text that conditions inversion and reconstruction (default: BLIP's).
     #[arg(long)]
     pub caption: Option<String>,
+    /// The BLIP captioner used when no --caption is given: a folder or a repo id.
+    #[arg(long, default_value = DEFAULT_CAPTIONER)]
+    pub captioner: String,
     /// Working size of the long side, a multiple of 64 (smaller sizes make CPU runs practical).
     #[arg(long, default_value_t = photo::DEFAULT_WORKING_SIZE)]
     pub size: usize,
@@ -225,8 +229,13 @@ fn photo_session(
     cancel: &AtomicBool,
 ) -> Result<(Session, photo::WorkingImage, bool)> {
     let image = photo::load(image_path, args.size)?;
-    let Some(caption) = args.caption.clone() else {
-        bail!("give --caption: a short description of the photo (e.g. \"a cat sitting on a sofa\"); automatic captioning is not built yet");
+    let caption = match &args.caption {
+        Some(caption) => caption.clone(),
+        None => {
+            let caption = blip_caption(&args.captioner, &image.pixels, &model.device)?;
+            eprintln!("caption: \"{caption}\" (BLIP; pass --caption to change it)");
+            caption
+        }
     };
     let settings = args.settings();
     let (w, h) = image.pixels.dimensions();
@@ -265,6 +274,40 @@ fn photo_session(
         cancel,
     )?;
     Ok((session, image, false))
+}
+
+/// Captions a photo with BLIP, explaining how to do without it when it is not available.
+fn blip_caption(captioner: &str, image: &image::RgbImage, device: &candle_core::Device) -> Result<String> {
+    let options = pix2pix_zero::engine::source::ResolveOptions::from_env();
+    let dir = Captioner::locate(captioner, &options, &mut DownloadBar::default()).with_context(|| {
+        format!("no --caption was given and the captioner `{captioner}` is not available; pass --caption \"...\" or --captioner FOLDER")
+    })?;
+    let mut blip = Captioner::load(&dir, device)?;
+    Ok(blip.caption(image)?)
+}
+
+/// Arguments of `p2pz caption`.
+#[derive(Debug, Args)]
+pub struct CaptionCommand {
+    /// The photo.
+    image: PathBuf,
+    /// The BLIP captioner: a folder or a repo id.
+    #[arg(long, default_value = DEFAULT_CAPTIONER)]
+    captioner: String,
+    /// Working size of the long side (BLIP sees the photo as the editor does).
+    #[arg(long, default_value_t = photo::DEFAULT_WORKING_SIZE)]
+    size: usize,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    cpu: bool,
+}
+
+/// Runs `p2pz caption`: prints the caption on standard output.
+pub fn run_caption(args: CaptionCommand) -> Result<()> {
+    let image = photo::load(&args.image, args.size)?;
+    let caption = blip_caption(&args.captioner, &image.pixels, &super::pick_device(args.cpu)?)?;
+    println!("{caption}");
+    Ok(())
 }
 
 /// Writes an image PNG plus a JSON sidecar with the parameters.

@@ -42,7 +42,8 @@ pub struct ModelArgs {
 }
 
 /// A terminal progress bar for downloads: bytes, speed and time left.
-struct DownloadBar {
+#[derive(Default)]
+pub struct DownloadBar {
     bar: Option<(String, ProgressBar)>,
 }
 
@@ -73,18 +74,9 @@ impl DownloadProgress for DownloadBar {
 }
 
 impl ModelArgs {
-    /// The device to run on: CUDA or Metal when compiled in and present, else the CPU.
+    /// The device to run on.
     pub fn device(&self) -> Result<Device> {
-        if self.cpu {
-            return Ok(Device::Cpu);
-        }
-        if candle_core::utils::cuda_is_available() {
-            return Ok(Device::new_cuda(0)?);
-        }
-        if candle_core::utils::metal_is_available() {
-            return Ok(Device::new_metal(0)?);
-        }
-        Ok(Device::Cpu)
+        pick_device(self.cpu)
     }
 
     /// The dtype for `--precision`.
@@ -99,7 +91,7 @@ impl ModelArgs {
     pub fn files(&self) -> Result<ModelFiles> {
         let mut options = ResolveOptions::from_env();
         options.prefer_fp16_download = self.fp16_download;
-        let mut bar = DownloadBar { bar: None };
+        let mut bar = DownloadBar::default();
         Ok(source::resolve(&self.model, &options, &mut bar)?)
     }
 
@@ -111,6 +103,20 @@ impl ModelArgs {
         StableDiffusion::load(files, &device, self.dtype())
             .with_context(|| format!("loading the model from `{}`", root.display()))
     }
+}
+
+/// CUDA or Metal when compiled in and present (unless `cpu`), else the CPU.
+pub fn pick_device(cpu: bool) -> Result<Device> {
+    if cpu {
+        return Ok(Device::Cpu);
+    }
+    if candle_core::utils::cuda_is_available() {
+        return Ok(Device::new_cuda(0)?);
+    }
+    if candle_core::utils::metal_is_available() {
+        return Ok(Device::new_metal(0)?);
+    }
+    Ok(Device::Cpu)
 }
 
 /// A step progress bar with the stage name and time left.

@@ -3,6 +3,7 @@
 //! the reference and guided passes of [`guidance`], and the [`session`] that makes re-edits
 //! fast. This module strings them together: a session per image, then edits of it.
 
+pub mod caption;
 pub mod direction;
 pub mod guidance;
 pub mod image;

@@ -248,6 +248,53 @@ pub fn resolve(
     from_folder(&snapshot, spec)
 }
 
+/// Resolves a model that is a flat set of files (e.g. BLIP): a folder holding `required`, or a
+/// repo id found in the cache or downloaded (with `optional` files when the repo has them).
+pub fn resolve_files(
+    spec: &str,
+    required: &[&str],
+    optional: &[&str],
+    options: &ResolveOptions,
+    progress: &mut dyn DownloadProgress,
+) -> Result<PathBuf> {
+    let complete = |dir: &Path| required.iter().all(|f| dir.join(f).is_file());
+    let path = Path::new(spec);
+    if path.exists() || !looks_like_repo_id(spec) {
+        if !path.is_dir() {
+            return Err(Error::MissingFolder(path.to_path_buf()));
+        }
+        if let Some(missing) = required.iter().find(|f| !path.join(f).is_file()) {
+            return Err(Error::MissingFile {
+                path: path.join(missing),
+                hint: format!("the folder needs {}", required.join(", ")),
+            });
+        }
+        return Ok(path.to_path_buf());
+    }
+    if let Some(snapshot) = cached_snapshot(&options.cache_dir, spec).filter(|s| complete(s)) {
+        return Ok(snapshot);
+    }
+    if options.offline {
+        return Err(Error::NotCached {
+            repo: spec.to_string(),
+            looked_in: options.cache_dir.display().to_string(),
+        });
+    }
+    let hub = Hub::open(spec, options)?;
+    let wanted = required
+        .iter()
+        .chain(optional.iter().filter(|f| hub.listing.iter().any(|l| l == *f)))
+        .map(|f| f.to_string());
+    hub.fetch(wanted, progress)?;
+    cached_snapshot(&options.cache_dir, spec)
+        .filter(|s| complete(s))
+        .ok_or_else(|| Error::Download {
+            repo: spec.to_string(),
+            file: required[0].to_string(),
+            message: "the download left no complete snapshot in the cache".into(),
+        })
+}
+
 /// Adapts our progress reporting to hf-hub's.
 struct HubProgress<'a> {
     inner: &'a mut dyn DownloadProgress,
@@ -309,42 +356,71 @@ fn files_to_download(listing: &[String], prefer_fp16: bool) -> Vec<String> {
     files
 }
 
-/// Downloads what a Stable Diffusion model needs into the cache.
-fn download(
-    repo: &str,
-    options: &ResolveOptions,
-    progress: &mut dyn DownloadProgress,
-) -> Result<()> {
-    let fail = |file: &str, e: &dyn std::fmt::Display| Error::Download {
-        repo: repo.to_string(),
-        file: file.to_string(),
-        message: e.to_string(),
-    };
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_cache_dir(options.cache_dir.clone())
-        .with_progress(false)
-        .build()
-        .map_err(|e| fail("(api)", &e))?;
-    let remote = api.model(repo.to_string());
-    let listing: Vec<String> = remote
-        .info()
-        .map_err(|e| fail("(listing)", &e))?
-        .siblings
-        .into_iter()
-        .map(|s| s.rfilename)
-        .collect();
-    for file in files_to_download(&listing, options.prefer_fp16_download) {
-        let reporter = HubProgress {
-            inner: progress,
-            file: file.clone(),
-            done: 0,
-            total: 0,
-        };
-        remote
-            .download_with_progress(&file, reporter)
-            .map_err(|e| fail(&file, &e))?;
+/// A repo on the hub: its client and its file listing.
+struct Hub {
+    repo: String,
+    remote: hf_hub::api::sync::ApiRepo,
+    listing: Vec<String>,
+}
+
+impl Hub {
+    fn error(&self, file: &str, e: &dyn std::fmt::Display) -> Error {
+        Error::Download {
+            repo: self.repo.clone(),
+            file: file.to_string(),
+            message: e.to_string(),
+        }
     }
-    Ok(())
+
+    /// Connects and lists the repo's files.
+    fn open(repo: &str, options: &ResolveOptions) -> Result<Self> {
+        let fail = |file: &str, e: &dyn std::fmt::Display| Error::Download {
+            repo: repo.to_string(),
+            file: file.to_string(),
+            message: e.to_string(),
+        };
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_cache_dir(options.cache_dir.clone())
+            .with_progress(false)
+            .build()
+            .map_err(|e| fail("(api)", &e))?;
+        let remote = api.model(repo.to_string());
+        let listing = remote
+            .info()
+            .map_err(|e| fail("(listing)", &e))?
+            .siblings
+            .into_iter()
+            .map(|s| s.rfilename)
+            .collect();
+        Ok(Self {
+            repo: repo.to_string(),
+            remote,
+            listing,
+        })
+    }
+
+    /// Downloads `files` into the cache, reporting progress.
+    fn fetch(&self, files: impl IntoIterator<Item = String>, progress: &mut dyn DownloadProgress) -> Result<()> {
+        for file in files {
+            let reporter = HubProgress {
+                inner: progress,
+                file: file.clone(),
+                done: 0,
+                total: 0,
+            };
+            self.remote
+                .download_with_progress(&file, reporter)
+                .map_err(|e| self.error(&file, &e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Downloads what a Stable Diffusion model needs into the cache.
+fn download(repo: &str, options: &ResolveOptions, progress: &mut dyn DownloadProgress) -> Result<()> {
+    let hub = Hub::open(repo, options)?;
+    let files = files_to_download(&hub.listing, options.prefer_fp16_download);
+    hub.fetch(files, progress)
 }
 
 #[cfg(test)]

@@ -1,0 +1,22 @@
+"""Prints the README's benchmark table from bench/results/{p2pz,diffusers}.json (bench/run.sh)."""
+import json
+import pathlib
+
+results = pathlib.Path(__file__).parent / "results"
+ours = {(r["case"], r["size"]): r for r in json.loads((results / "p2pz.json").read_text())}
+theirs = {(r["case"], r["size"]): r for r in json.loads((results / "diffusers.json").read_text())["results"]}
+names = {
+    "unet_fwd_b1": "UNet forward, batch 1",
+    "unet_fwd_b2": "UNet forward, batch 2 (CFG)",
+    "unet_fwdbwd_b1": "UNet forward + backward w.r.t. the latent, batch 1",
+    "guidance_b1": "one guidance gradient (maps in the graph, loss, backward), batch 1",
+    "vae_encode": "VAE encode",
+    "vae_decode": "VAE decode",
+}
+print("| case | image | p2pz s | p2pz peak MB | diffusers s | diffusers peak MB |")
+print("|---|---|---|---|---|---|")
+for (case, size), r in sorted(ours.items(), key=lambda kv: (kv[0][1], list(names).index(kv[0][0]))):
+    t = theirs.get((case, size))
+    mine = f"{sorted(r['seconds'])[len(r['seconds']) // 2]:.1f} | {r['peak_rss_mb']:.0f}"
+    other = f"{t['median_s']:.1f} | {t['peak_rss_mb']:.0f}" if t else "– | –"
+    print(f"| {names[case]} | {size}² | {mine} | {other} |")
