@@ -354,3 +354,30 @@ fn diffusers_edit_matches_loss_trajectory_and_images() {
 fn authors_edit_matches_loss_trajectory_and_images() {
     check_edit("authors.", "authors.inv.x_inv");
 }
+
+#[test]
+fn the_authors_pt_directions_and_our_safetensors_import() {
+    let model = tiny_model();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference");
+    let values =
+        candle_core::safetensors::load(dir.join("direction-values.safetensors"), &Device::Cpu)
+            .unwrap();
+    let f32 = direction::load_direction(&dir.join("direction-f32.pt"), &model).unwrap();
+    assert_eq!(common::max_abs_diff(&f32, &values["f32"]), 0.0);
+    let f16 = direction::load_direction(&dir.join("direction-f16.pt"), &model).unwrap();
+    assert_eq!(f16.dtype(), DType::F32, "half-precision files are widened");
+    assert_eq!(common::max_abs_diff(&f16, &values["f16"]), 0.0);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("d.safetensors");
+    direction::save_direction(&path, &f32).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&direction::load_direction(&path, &model).unwrap(), &f32),
+        0.0
+    );
+
+    let err = direction::load_direction(&dir.join("engine.json"), &model)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(".pt") && err.contains(".safetensors"), "{err}");
+}

@@ -317,9 +317,19 @@ struct RecordingWeights {
 }
 
 impl SimpleBackend for RecordingWeights {
-    fn get(&self, shape: Shape, name: &str, init: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = RandomWeights.get(shape, name, init, dtype, dev)?;
-        self.kept.lock().expect("not poisoned").insert(name.to_string(), t.clone());
+        self.kept
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string(), t.clone());
         Ok(t)
     }
 
@@ -358,8 +368,16 @@ fn write_random_sd15(dir: &std::path::Path) -> Result<()> {
     });
     let components: [(&str, &str, serde_json::Value); 3] = [
         ("text_encoder", "model.safetensors", text_config.clone()),
-        ("unet", "diffusion_pytorch_model.safetensors", unet_config.clone()),
-        ("vae", "diffusion_pytorch_model.safetensors", vae_config.clone()),
+        (
+            "unet",
+            "diffusion_pytorch_model.safetensors",
+            unet_config.clone(),
+        ),
+        (
+            "vae",
+            "diffusion_pytorch_model.safetensors",
+            vae_config.clone(),
+        ),
     ];
     for (component, file, config) in components {
         let folder = dir.join(component);
@@ -369,7 +387,10 @@ fn write_random_sd15(dir: &std::path::Path) -> Result<()> {
         let backend = RecordingWeights { kept: kept.clone() };
         let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
         match component {
-            "text_encoder" => drop(ClipTextEncoder::load(vb, serde_json::from_value::<TextEncoderConfig>(text_config.clone())?)?),
+            "text_encoder" => drop(ClipTextEncoder::load(
+                vb,
+                serde_json::from_value::<TextEncoderConfig>(text_config.clone())?,
+            )?),
             "unet" => drop(UNet::load(vb, sd15_unet()?)?),
             _ => drop(Vae::load(vb, sd15_vae()?)?),
         }
@@ -397,7 +418,8 @@ fn editor_case(model_dir: &std::path::Path, label: &str, side: usize, steps: usi
     let files = pix2pix_zero::engine::source::from_folder(model_dir, label)?;
     let model = pix2pix_zero::engine::StableDiffusion::load(files, &Device::Cpu, DType::F32)?;
     let mut rng = Rng::new(1);
-    let image = (rng.randn((1, 3, side, side), DType::F32, &Device::Cpu)? * 0.3)?.clamp(-1f32, 1f32)?;
+    let image =
+        (rng.randn((1, 3, side, side), DType::F32, &Device::Cpu)? * 0.3)?.clamp(-1f32, 1f32)?;
     let d = model.text.encoder.config().hidden_size;
     let direction = (rng.randn((1, 77, d), DType::F32, &Device::Cpu)? * 0.3)?;
     let never = AtomicBool::new(false);
@@ -411,19 +433,48 @@ fn editor_case(model_dir: &std::path::Path, label: &str, side: usize, steps: usi
         seed: 0,
     };
     let settings = |xa| EditSettings {
-        guidance: GuidanceParams { lambda_xa: xa, guidance_scale: 5.0 },
+        guidance: GuidanceParams {
+            lambda_xa: xa,
+            guidance_scale: 5.0,
+        },
         strength: 1.0,
     };
     let start = Instant::now();
-    let mut session = photo_session(&model, &image, 0, "a photo of a cat", steps, &photo, &mut |_| {}, &never)?;
+    let mut session = photo_session(
+        &model,
+        &image,
+        0,
+        "a photo of a cat",
+        steps,
+        &photo,
+        &mut |_| {},
+        &never,
+    )?;
     let invert_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    edit(&model, &mut session, &direction, &settings(0.1), &mut |_| {}, &never)?;
+    edit(
+        &model,
+        &mut session,
+        &direction,
+        &settings(0.1),
+        &mut |_| {},
+        &never,
+    )?;
     let first_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let again = edit(&model, &mut session, &direction, &settings(0.15), &mut |_| {}, &never)?;
+    let again = edit(
+        &model,
+        &mut session,
+        &direction,
+        &settings(0.15),
+        &mut |_| {},
+        &never,
+    )?;
     let re_edit_s = start.elapsed().as_secs_f64();
-    anyhow::ensure!(again.reused_reference, "the re-edit did not reuse the cache");
+    anyhow::ensure!(
+        again.reused_reference,
+        "the re-edit did not reuse the cache"
+    );
     println!(
         "{label:<22} {side:>5} {steps:>5} {invert_s:>10.1} {first_s:>12.1} {re_edit_s:>10.1} {:>10.1}",
         session.bytes() as f64 / 1e6
@@ -433,7 +484,10 @@ fn editor_case(model_dir: &std::path::Path, label: &str, side: usize, steps: usi
 
 /// `p2pz bench --editor`.
 fn editor_bench(args: &BenchArgs) -> Result<()> {
-    println!("p2pz bench --editor: f32, CPU, {} threads", candle_core::utils::get_num_threads());
+    println!(
+        "p2pz bench --editor: f32, CPU, {} threads",
+        candle_core::utils::get_num_threads()
+    );
     println!(
         "{:<22} {:>5} {:>5} {:>10} {:>12} {:>10} {:>10}",
         "model", "size", "steps", "invert s", "first edit s", "re-edit s", "cache MB"
@@ -443,7 +497,12 @@ fn editor_bench(args: &BenchArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
     write_random_sd15(dir.path())?;
     for &side in &args.sizes {
-        editor_case(dir.path(), "SD-1.5, random weights", side, args.editor_steps)?;
+        editor_case(
+            dir.path(),
+            "SD-1.5, random weights",
+            side,
+            args.editor_steps,
+        )?;
     }
     Ok(())
 }

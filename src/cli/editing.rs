@@ -277,7 +277,11 @@ fn photo_session(
 }
 
 /// Captions a photo with BLIP, explaining how to do without it when it is not available.
-fn blip_caption(captioner: &str, image: &image::RgbImage, device: &candle_core::Device) -> Result<String> {
+fn blip_caption(
+    captioner: &str,
+    image: &image::RgbImage,
+    device: &candle_core::Device,
+) -> Result<String> {
     let options = pix2pix_zero::engine::source::ResolveOptions::from_env();
     let dir = Captioner::locate(captioner, &options, &mut DownloadBar::default()).with_context(|| {
         format!("no --caption was given and the captioner `{captioner}` is not available; pass --caption \"...\" or --captioner FOLDER")
@@ -305,7 +309,11 @@ pub struct CaptionCommand {
 /// Runs `p2pz caption`: prints the caption on standard output.
 pub fn run_caption(args: CaptionCommand) -> Result<()> {
     let image = photo::load(&args.image, args.size)?;
-    let caption = blip_caption(&args.captioner, &image.pixels, &super::pick_device(args.cpu)?)?;
+    let caption = blip_caption(
+        &args.captioner,
+        &image.pixels,
+        &super::pick_device(args.cpu)?,
+    )?;
     println!("{caption}");
     Ok(())
 }

@@ -23,7 +23,11 @@ pub const PROMPT: &str = "a picture of ";
 /// Files a BLIP folder needs.
 const REQUIRED_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 /// Files used when present.
-const OPTIONAL_FILES: [&str; 3] = ["preprocessor_config.json", "tokenizer_config.json", "special_tokens_map.json"];
+const OPTIONAL_FILES: [&str; 3] = [
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 /// How the decoder searches for a caption.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -186,13 +190,19 @@ pub struct Captioner {
 
 impl std::fmt::Debug for Captioner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Captioner").field("image_size", &self.image_size).finish()
+        f.debug_struct("Captioner")
+            .field("image_size", &self.image_size)
+            .finish()
     }
 }
 
 impl Captioner {
     /// Finds (and if needed downloads) a BLIP model: a folder or a repo id, as for `--model`.
-    pub fn locate(spec: &str, options: &ResolveOptions, progress: &mut dyn DownloadProgress) -> Result<PathBuf> {
+    pub fn locate(
+        spec: &str,
+        options: &ResolveOptions,
+        progress: &mut dyn DownloadProgress,
+    ) -> Result<PathBuf> {
         source::resolve_files(spec, &REQUIRED_FILES, &OPTIONAL_FILES, options, progress)
     }
 
@@ -204,10 +214,11 @@ impl Captioner {
             _ => serde_json::from_str("{}").expect("all defaults"),
         };
         let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
-            path: tokenizer_path.clone(),
-            message: e.to_string(),
-        })?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
+                path: tokenizer_path.clone(),
+                message: e.to_string(),
+            })?;
         let t = &raw.text_config;
         let v = &raw.vision_config;
         let config = blip::Config {
@@ -240,19 +251,19 @@ impl Captioner {
         };
         let weights = dir.join("model.safetensors");
         // SAFETY: read-only memory map of a weight file that is not modified while loading.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }.map_err(|e| {
-            Error::Weights {
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .map_err(|e| Error::Weights {
                 path: weights.clone(),
                 message: crate::engine::error::candle_message(&e),
-            }
-        })?;
-        let model = blip::BlipForConditionalGeneration::new(&config, vb).map_err(|e| Error::Weights {
-            path: weights.clone(),
-            message: format!(
-                "{}. The weights do not match config.json: download the captioner again",
-                crate::engine::error::candle_message(&e)
-            ),
-        })?;
+            })?;
+        let model =
+            blip::BlipForConditionalGeneration::new(&config, vb).map_err(|e| Error::Weights {
+                path: weights.clone(),
+                message: format!(
+                    "{}. The weights do not match config.json: download the captioner again",
+                    crate::engine::error::candle_message(&e)
+                ),
+            })?;
         Ok(Self {
             model,
             tokenizer,
@@ -271,7 +282,8 @@ impl Captioner {
         let s = self.image_size as u32;
         let resized = image::imageops::resize(image, s, s, image::imageops::FilterType::CatmullRom);
         let data: Vec<f32> = resized.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-        let t = Tensor::from_vec(data, (s as usize, s as usize, 3), &self.device)?.permute((2, 0, 1))?;
+        let t = Tensor::from_vec(data, (s as usize, s as usize, 3), &self.device)?
+            .permute((2, 0, 1))?;
         let mean = Tensor::new(&self.mean, &self.device)?.reshape((3, 1, 1))?;
         let std = Tensor::new(&self.std, &self.device)?.reshape((3, 1, 1))?;
         Ok(t.broadcast_sub(&mean)?.broadcast_div(&std)?.unsqueeze(0)?)
@@ -280,13 +292,18 @@ impl Captioner {
     /// The prompt's token ids as BLIP feeds them: the first id replaced by the decoder's BOS,
     /// the trailing `[SEP]` dropped.
     pub fn prompt_ids(&self) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(PROMPT, true).map_err(|e| Error::Tokenizer {
-            path: PathBuf::from("tokenizer.json"),
-            message: e.to_string(),
-        })?;
+        let encoding = self
+            .tokenizer
+            .encode(PROMPT, true)
+            .map_err(|e| Error::Tokenizer {
+                path: PathBuf::from("tokenizer.json"),
+                message: e.to_string(),
+            })?;
         let mut ids = encoding.get_ids().to_vec();
         if ids.len() < 2 {
-            return Err(Error::Input("the BLIP tokenizer gave an empty prompt".into()));
+            return Err(Error::Input(
+                "the BLIP tokenizer gave an empty prompt".into(),
+            ));
         }
         ids[0] = self.bos;
         ids.pop();
@@ -299,7 +316,11 @@ impl Captioner {
     }
 
     /// Log-probabilities of the next token after each of `sequences`, `(n, vocab)` in f64.
-    fn next_log_probs(&mut self, image_embeds: &Tensor, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f64>>> {
+    fn next_log_probs(
+        &mut self,
+        image_embeds: &Tensor,
+        sequences: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f64>>> {
         let len = sequences[0].len();
         let ids: Vec<u32> = sequences.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(ids, (sequences.len(), len), &self.device)?;
@@ -308,19 +329,31 @@ impl Captioner {
         // each step runs the (short) sequences from the start.
         self.model.reset_kv_cache();
         let logits = self.model.text_decoder().forward(&ids, &embeds)?;
-        let last = logits.narrow(1, len - 1, 1)?.squeeze(1)?.to_dtype(DType::F64)?;
+        let last = logits
+            .narrow(1, len - 1, 1)?
+            .squeeze(1)?
+            .to_dtype(DType::F64)?;
         let log_probs = candle_nn::ops::log_softmax(&last, D::Minus1)?;
         Ok(log_probs.to_vec2::<f64>()?)
     }
 
     /// Beam search from `prompt` over `image_embeds`; returns the whole sequence, prompt and
     /// final `[SEP]` included.
-    pub fn beam_search(&mut self, image_embeds: &Tensor, prompt: &[u32], settings: &BeamSettings) -> Result<Vec<u32>> {
+    pub fn beam_search(
+        &mut self,
+        image_embeds: &Tensor,
+        prompt: &[u32],
+        settings: &BeamSettings,
+    ) -> Result<Vec<u32>> {
         let prompt_len = prompt.len();
-        let normalise = |sum: f64, generated: usize| sum / (generated.max(1) as f64).powf(settings.length_penalty);
+        let normalise = |sum: f64, generated: usize| {
+            sum / (generated.max(1) as f64).powf(settings.length_penalty)
+        };
         let mut beams: Vec<(Vec<u32>, f64)> = vec![(prompt.to_vec(), 0.0)];
         let mut finished: Vec<(Vec<u32>, f64)> = vec![];
-        let worst_finished = |finished: &[(Vec<u32>, f64)]| finished.iter().map(|f| f.1).fold(f64::INFINITY, f64::min);
+        let worst_finished = |finished: &[(Vec<u32>, f64)]| {
+            finished.iter().map(|f| f.1).fold(f64::INFINITY, f64::min)
+        };
         let mut cur_len = prompt_len;
         while cur_len < settings.max_length {
             let sequences: Vec<Vec<u32>> = beams.iter().map(|b| b.0.clone()).collect();
@@ -328,7 +361,11 @@ impl Captioner {
             let mut candidates: Vec<(f64, usize, u32)> = vec![];
             for (b, row) in log_probs.iter().enumerate() {
                 for (token, lp) in row.iter().enumerate() {
-                    let lp = if cur_len < settings.min_length && token as u32 == self.eos { f64::NEG_INFINITY } else { *lp };
+                    let lp = if cur_len < settings.min_length && token as u32 == self.eos {
+                        f64::NEG_INFINITY
+                    } else {
+                        *lp
+                    };
                     candidates.push((beams[b].1 + lp, b, token as u32));
                 }
             }
@@ -389,12 +426,19 @@ impl Captioner {
 
     /// Decodes token ids to text without special tokens, and strips the prompt.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let text = self.tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer {
-            path: PathBuf::from("tokenizer.json"),
-            message: e.to_string(),
-        })?;
+        let text = self
+            .tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer {
+                path: PathBuf::from("tokenizer.json"),
+                message: e.to_string(),
+            })?;
         let text = text.trim();
-        Ok(text.strip_prefix(PROMPT.trim_end()).unwrap_or(text).trim().to_string())
+        Ok(text
+            .strip_prefix(PROMPT.trim_end())
+            .unwrap_or(text)
+            .trim()
+            .to_string())
     }
 
     /// A caption for `image` (the photo at working size, as the authors feed it).

@@ -283,7 +283,11 @@ pub fn resolve_files(
     let hub = Hub::open(spec, options)?;
     let wanted = required
         .iter()
-        .chain(optional.iter().filter(|f| hub.listing.iter().any(|l| l == *f)))
+        .chain(
+            optional
+                .iter()
+                .filter(|f| hub.listing.iter().any(|l| l == *f)),
+        )
         .map(|f| f.to_string());
     hub.fetch(wanted, progress)?;
     cached_snapshot(&options.cache_dir, spec)
@@ -400,7 +404,11 @@ impl Hub {
     }
 
     /// Downloads `files` into the cache, reporting progress.
-    fn fetch(&self, files: impl IntoIterator<Item = String>, progress: &mut dyn DownloadProgress) -> Result<()> {
+    fn fetch(
+        &self,
+        files: impl IntoIterator<Item = String>,
+        progress: &mut dyn DownloadProgress,
+    ) -> Result<()> {
         for file in files {
             let reporter = HubProgress {
                 inner: progress,
@@ -417,7 +425,11 @@ impl Hub {
 }
 
 /// Downloads what a Stable Diffusion model needs into the cache.
-fn download(repo: &str, options: &ResolveOptions, progress: &mut dyn DownloadProgress) -> Result<()> {
+fn download(
+    repo: &str,
+    options: &ResolveOptions,
+    progress: &mut dyn DownloadProgress,
+) -> Result<()> {
     let hub = Hub::open(repo, options)?;
     let files = files_to_download(&hub.listing, options.prefer_fp16_download);
     hub.fetch(files, progress)
