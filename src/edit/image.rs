@@ -130,6 +130,42 @@ mod tests {
     }
 
     #[test]
+    fn exif_orientation_is_applied() {
+        use image::ImageEncoder;
+        // Left half red, right half blue; EXIF orientation 6 says "rotate 90° clockwise".
+        let image = RgbImage::from_fn(64, 32, |x, _| {
+            if x < 32 {
+                image::Rgb([250, 0, 0])
+            } else {
+                image::Rgb([0, 0, 250])
+            }
+        });
+        let exif = vec![
+            0x49, 0x49, 0x2A, 0x00, 0x08, 0x00, 0x00, 0x00, 0x01, 0x00, 0x12, 0x01, 0x03, 0x00,
+            0x01, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        ];
+        let mut bytes = vec![];
+        let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95);
+        encoder.set_exif_metadata(exif).unwrap();
+        encoder
+            .write_image(image.as_raw(), 64, 32, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rotated.jpg");
+        std::fs::write(&path, bytes).unwrap();
+        let loaded = load(&path, 64).unwrap();
+        assert_eq!(loaded.original_size, (32, 64), "portrait after rotation");
+        assert_eq!(loaded.pixels.dimensions(), (64, 64));
+        let top = loaded.pixels.get_pixel(16, 8).0;
+        let bottom = loaded.pixels.get_pixel(16, 56).0;
+        assert!(
+            top[0] > 200 && top[2] < 50,
+            "the left (red) half is on top: {top:?}"
+        );
+        assert!(bottom[2] > 200 && bottom[0] < 50, "{bottom:?}");
+    }
+
+    #[test]
     fn transparency_becomes_white_and_greys_become_rgb() {
         let mut rgba = image::RgbaImage::new(2, 1);
         rgba.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
