@@ -307,3 +307,60 @@ fn editor_bad_input_gets_a_message_and_a_nonzero_exit() {
     assert!(err.contains("another image"), "{err}");
     assert!(!out.exists(), "nothing is written on failure");
 }
+
+#[test]
+fn caption_prints_blips_caption_and_edit_uses_it_when_none_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = write_photo(dir.path());
+    let blip = common::fixture_dir().parent().unwrap().join("tiny-blip");
+    let out = p2pz()
+        .arg("caption")
+        .arg(&photo)
+        .args(["--size", "128", "--captioner"])
+        .arg(&blip)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let caption = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        !caption.is_empty() && !caption.starts_with("a picture of"),
+        "{caption:?}"
+    );
+
+    let out = p2pz()
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .arg("invert")
+        .arg(&photo)
+        .arg("--model")
+        .arg(common::fixture_dir())
+        .arg("--captioner")
+        .arg(&blip)
+        .args(["--steps", "3", "--size", "128", "--session"])
+        .arg(dir.path().join("s.safetensors"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("caption: \"{caption}\"")), "{err}");
+
+    let out = p2pz()
+        .arg("caption")
+        .arg(&photo)
+        .args(["--captioner", "/no/such/blip"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--caption") && err.contains("/no/such/blip"),
+        "{err}"
+    );
+}

@@ -29,9 +29,23 @@ const OPTIONAL_FILES: [&str; 3] = [
     "special_tokens_map.json",
 ];
 
+/// Which version of Hugging Face's beam search to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeamScoring {
+    /// transformers 4.25–4.27, what the authors' LAVIS captioner ran: a finished hypothesis is
+    /// scored over its whole length (prompt included, `[SEP]` not), running beams are added at
+    /// the maximum length, and the search stops when no candidate can beat the worst finished one.
+    Authors,
+    /// transformers 5: scored over the generated tokens (`[SEP]` included), a beam that reaches
+    /// the maximum length finishes like one that ends with `[SEP]`.
+    Transformers,
+}
+
 /// How the decoder searches for a caption.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BeamSettings {
+    /// The beam-search variant.
+    pub scoring: BeamScoring,
     /// Beams kept (3).
     pub beams: usize,
     /// Minimum length in tokens, the prompt included (10).
@@ -46,6 +60,7 @@ impl Default for BeamSettings {
     /// LAVIS' `BlipCaption.generate` defaults, as the authors ran it.
     fn default() -> Self {
         Self {
+            scoring: BeamScoring::Authors,
             beams: 3,
             min_length: 10,
             max_length: 30,
@@ -176,6 +191,35 @@ fn clip_std() -> [f32; 3] {
     [0.268_629_54, 0.261_302_6, 0.275_777_1]
 }
 
+/// The finished hypotheses of transformers 4.25–4.27's beam search (`BeamHypotheses`): the best
+/// `beams` by score, and the worst kept score as it tracks it.
+struct LegacyHypotheses {
+    kept: Vec<(Vec<u32>, f64)>,
+    worst: f64,
+    beams: usize,
+}
+
+impl LegacyHypotheses {
+    /// Keeps `seq` with its length-normalised `score` if it is among the best.
+    fn add(&mut self, seq: Vec<u32>, score: f64) {
+        if self.kept.len() < self.beams || score > self.worst {
+            self.kept.push((seq, score));
+            if self.kept.len() > self.beams {
+                let (drop, _) = self
+                    .kept
+                    .iter()
+                    .enumerate()
+                    .min_by(|x, y| x.1 .1.total_cmp(&y.1 .1))
+                    .expect("non-empty");
+                self.kept.remove(drop);
+                self.worst = self.kept.iter().map(|f| f.1).fold(f64::INFINITY, f64::min);
+            } else {
+                self.worst = self.worst.min(score);
+            }
+        }
+    }
+}
+
 /// A loaded BLIP captioner.
 pub struct Captioner {
     model: blip::BlipForConditionalGeneration,
@@ -256,6 +300,19 @@ impl Captioner {
                 path: weights.clone(),
                 message: crate::engine::error::candle_message(&e),
             })?;
+        // transformers ties the LM head to the word embeddings and may not save it separately.
+        let head = "text_decoder.cls.predictions.decoder.weight";
+        let vb = if vb.contains_tensor(head) {
+            vb
+        } else {
+            vb.rename_f(move |name| {
+                if name == head {
+                    "text_decoder.bert.embeddings.word_embeddings.weight".to_string()
+                } else {
+                    name.to_string()
+                }
+            })
+        };
         let model =
             blip::BlipForConditionalGeneration::new(&config, vb).map_err(|e| Error::Weights {
                 path: weights.clone(),
@@ -321,107 +378,181 @@ impl Captioner {
         image_embeds: &Tensor,
         sequences: &[Vec<u32>],
     ) -> Result<Vec<Vec<f64>>> {
-        let len = sequences[0].len();
-        let ids: Vec<u32> = sequences.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(ids, (sequences.len(), len), &self.device)?;
-        let embeds = image_embeds.repeat((sequences.len(), 1, 1))?;
-        // The decoder's cache assumes one growing sequence; beams are reordered every step, so
-        // each step runs the (short) sequences from the start.
-        self.model.reset_kv_cache();
-        let logits = self.model.text_decoder().forward(&ids, &embeds)?;
-        let last = logits
-            .narrow(1, len - 1, 1)?
-            .squeeze(1)?
-            .to_dtype(DType::F64)?;
-        let log_probs = candle_nn::ops::log_softmax(&last, D::Minus1)?;
-        Ok(log_probs.to_vec2::<f64>()?)
+        let mut rows = Vec::with_capacity(sequences.len());
+        for sequence in sequences {
+            let len = sequence.len();
+            let ids = Tensor::new(sequence.as_slice(), &self.device)?.unsqueeze(0)?;
+            // candle's BLIP decoder takes one sequence at a time and caches keys and values for a
+            // single growing sequence; beams are reordered every step, so each step runs each
+            // (short) sequence from the start.
+            self.model.reset_kv_cache();
+            let logits = self.model.text_decoder().forward(&ids, image_embeds)?;
+            let last = logits
+                .narrow(1, len - 1, 1)?
+                .flatten_all()?
+                .to_dtype(DType::F64)?;
+            rows.push(candle_nn::ops::log_softmax(&last, D::Minus1)?.to_vec1::<f64>()?);
+        }
+        Ok(rows)
     }
 
-    /// Beam search from `prompt` over `image_embeds`; returns the whole sequence, prompt and
-    /// final `[SEP]` included.
+    /// Beam search from `prompt` over `image_embeds`; returns the whole sequence, the prompt and
+    /// a final `[SEP]` included.
     pub fn beam_search(
         &mut self,
         image_embeds: &Tensor,
         prompt: &[u32],
         settings: &BeamSettings,
     ) -> Result<Vec<u32>> {
-        let prompt_len = prompt.len();
-        let normalise = |sum: f64, generated: usize| {
-            sum / (generated.max(1) as f64).powf(settings.length_penalty)
-        };
-        let mut beams: Vec<(Vec<u32>, f64)> = vec![(prompt.to_vec(), 0.0)];
-        let mut finished: Vec<(Vec<u32>, f64)> = vec![];
-        let worst_finished = |finished: &[(Vec<u32>, f64)]| {
-            finished.iter().map(|f| f.1).fold(f64::INFINITY, f64::min)
-        };
-        let mut cur_len = prompt_len;
-        while cur_len < settings.max_length {
-            let sequences: Vec<Vec<u32>> = beams.iter().map(|b| b.0.clone()).collect();
-            let log_probs = self.next_log_probs(image_embeds, &sequences)?;
-            let mut candidates: Vec<(f64, usize, u32)> = vec![];
-            for (b, row) in log_probs.iter().enumerate() {
-                for (token, lp) in row.iter().enumerate() {
-                    let lp = if cur_len < settings.min_length && token as u32 == self.eos {
-                        f64::NEG_INFINITY
-                    } else {
-                        *lp
-                    };
-                    candidates.push((beams[b].1 + lp, b, token as u32));
-                }
+        match settings.scoring {
+            BeamScoring::Authors => self.beam_search_legacy(image_embeds, prompt, settings),
+            BeamScoring::Transformers => self.beam_search_current(image_embeds, prompt, settings),
+        }
+    }
+
+    /// The best `2·beams` continuations of `running`, `(score, beam, token)`, best first, with
+    /// `[SEP]` barred below the minimum length.
+    fn candidates(
+        &mut self,
+        image_embeds: &Tensor,
+        running: &[(Vec<u32>, f64)],
+        settings: &BeamSettings,
+    ) -> Result<Vec<(f64, usize, u32)>> {
+        let cur_len = running[0].0.len();
+        let sequences: Vec<Vec<u32>> = running.iter().map(|b| b.0.clone()).collect();
+        let log_probs = self.next_log_probs(image_embeds, &sequences)?;
+        let mut candidates: Vec<(f64, usize, u32)> = vec![];
+        for (b, row) in log_probs.iter().enumerate() {
+            for (token, &lp) in row.iter().enumerate() {
+                let token = token as u32;
+                let barred = cur_len < settings.min_length && token == self.eos;
+                let lp = if barred { f64::NEG_INFINITY } else { lp };
+                candidates.push((running[b].1 + lp, b, token));
             }
-            candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
-            candidates.truncate(2 * settings.beams);
+        }
+        candidates.sort_by(|x, y| y.0.total_cmp(&x.0));
+        candidates.truncate(2 * settings.beams.max(1));
+        Ok(candidates)
+    }
+
+    /// transformers 4.25–4.27's `BeamSearchScorer` with `early_stopping=False`: a hypothesis
+    /// finishes only with `[SEP]` and is scored over its whole length (prompt included, `[SEP]`
+    /// not); the search is done when the best candidate cannot beat the worst finished one; at
+    /// the maximum length the running beams join the finished ones.
+    fn beam_search_legacy(
+        &mut self,
+        image_embeds: &Tensor,
+        prompt: &[u32],
+        settings: &BeamSettings,
+    ) -> Result<Vec<u32>> {
+        let beams = settings.beams.max(1);
+        let per_length = |len: usize| (len.max(1) as f64).powf(settings.length_penalty);
+        let mut running: Vec<(Vec<u32>, f64)> = vec![(prompt.to_vec(), 0.0)];
+        let mut finished = LegacyHypotheses {
+            kept: vec![],
+            worst: 1e9,
+            beams,
+        };
+        let mut cur_len = prompt.len();
+        let mut done = false;
+        while !done && cur_len < settings.max_length {
+            let candidates = self.candidates(image_embeds, &running, settings)?;
             let mut next = vec![];
             for (rank, &(score, b, token)) in candidates.iter().enumerate() {
                 if token == self.eos {
-                    if rank >= settings.beams {
-                        continue;
-                    }
-                    let normalised = normalise(score, cur_len - prompt_len);
-                    if finished.len() < settings.beams || normalised > worst_finished(&finished) {
-                        finished.push((beams[b].0.clone(), normalised));
-                        if finished.len() > settings.beams {
-                            let worst = finished
-                                .iter()
-                                .enumerate()
-                                .min_by(|x, y| x.1 .1.total_cmp(&y.1 .1))
-                                .map(|(i, _)| i)
-                                .expect("non-empty");
-                            finished.remove(worst);
-                        }
+                    if rank < beams {
+                        finished.add(running[b].0.clone(), score / per_length(cur_len));
                     }
                 } else {
-                    let mut seq = beams[b].0.clone();
+                    let mut seq = running[b].0.clone();
                     seq.push(token);
                     next.push((seq, score));
                 }
-                if next.len() == settings.beams {
+                if next.len() == beams {
                     break;
                 }
             }
+            if finished.kept.len() >= beams {
+                let best = candidates.first().map(|c| c.0).unwrap_or(f64::NEG_INFINITY);
+                done = finished.worst >= best / per_length(cur_len + 1);
+            }
+            running = next;
             cur_len += 1;
-            beams = next;
-            if finished.len() >= settings.beams {
-                let best_running = beams.iter().map(|b| b.1).fold(f64::NEG_INFINITY, f64::max);
-                if worst_finished(&finished) >= normalise(best_running, cur_len - prompt_len) {
-                    break;
-                }
-            }
         }
-        for (seq, score) in beams {
-            let normalised = normalise(score, seq.len() - prompt_len);
-            if finished.len() < settings.beams || normalised > worst_finished(&finished) {
-                finished.push((seq, normalised));
+        if !done {
+            for (seq, score) in std::mem::take(&mut running) {
+                let normalised = score / per_length(seq.len());
+                finished.add(seq, normalised);
             }
         }
         let (mut best, _) = finished
+            .kept
             .into_iter()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .max_by(|x, y| x.1.total_cmp(&y.1))
             .ok_or_else(|| Error::Input("beam search produced no caption".into()))?;
         if best.len() < settings.max_length {
             best.push(self.eos);
         }
         Ok(best)
+    }
+
+    /// transformers 5's `_beam_search` with `early_stopping=False`: each step keeps the best
+    /// `2·beams` continuations; those among the first `beams` that end (by `[SEP]` or by reaching
+    /// the maximum length) become finished hypotheses scored over their generated length
+    /// (`[SEP]` counted); the best `beams` that do not end keep running. The search stops once
+    /// every finished slot is taken and the best running beam, normalised at its current length,
+    /// cannot beat the worst of them.
+    fn beam_search_current(
+        &mut self,
+        image_embeds: &Tensor,
+        prompt: &[u32],
+        settings: &BeamSettings,
+    ) -> Result<Vec<u32>> {
+        let prompt_len = prompt.len();
+        let beams = settings.beams.max(1);
+        let per_length = |len: usize| (len.max(1) as f64).powf(settings.length_penalty);
+        let mut running: Vec<(Vec<u32>, f64)> = vec![(prompt.to_vec(), 0.0)];
+        let mut finished: Vec<(Vec<u32>, f64)> = vec![];
+        let mut cur_len = prompt_len;
+        while cur_len < settings.max_length && !running.is_empty() {
+            let candidates = self.candidates(image_embeds, &running, settings)?;
+            let extend = |b: usize, token: u32| {
+                let mut seq = running[b].0.clone();
+                seq.push(token);
+                seq
+            };
+            let ends = |token: u32| token == self.eos || cur_len + 1 >= settings.max_length;
+            for &(score, b, token) in candidates.iter().take(beams).filter(|c| ends(c.2)) {
+                finished.push((
+                    extend(b, token),
+                    score / per_length(cur_len + 1 - prompt_len),
+                ));
+            }
+            finished.sort_by(|x, y| y.1.total_cmp(&x.1));
+            finished.truncate(beams);
+            let next: Vec<(Vec<u32>, f64)> = candidates
+                .iter()
+                .filter(|c| !ends(c.2))
+                .take(beams)
+                .map(|&(score, b, token)| (extend(b, token), score))
+                .collect();
+            running = next;
+            cur_len += 1;
+            if finished.len() == beams {
+                let worst = finished.last().expect("full").1;
+                let best_running = running
+                    .first()
+                    .map(|r| r.1 / per_length(cur_len - prompt_len));
+                if best_running.is_none_or(|best| best <= worst) {
+                    break;
+                }
+            }
+        }
+        finished
+            .into_iter()
+            .next()
+            .map(|(seq, _)| seq)
+            .ok_or_else(|| Error::Input("beam search produced no caption".into()))
     }
 
     /// Decodes token ids to text without special tokens, and strips the prompt.
