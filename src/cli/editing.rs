@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use clap::{Args, ValueEnum};
 use pix2pix_zero::edit::caption::{Captioner, DEFAULT_CAPTIONER};
 use pix2pix_zero::edit::direction::{self, EmbeddingCache, SentenceSource};
+use pix2pix_zero::edit::flan_t5::SentenceWriter;
 use pix2pix_zero::edit::guidance::GuidanceParams;
 use pix2pix_zero::edit::image as photo;
 use pix2pix_zero::edit::inversion::InversionParams;
@@ -18,6 +19,7 @@ use pix2pix_zero::edit::session::{Session, SessionSource};
 use pix2pix_zero::edit::{self, EditSettings, EditorProgress, PhotoSettings};
 use pix2pix_zero::engine::ddim::InverseSchedule;
 use pix2pix_zero::engine::generate::latent_to_rgb;
+use pix2pix_zero::engine::source::ResolveOptions;
 use pix2pix_zero::engine::vae::LatentDraw;
 use pix2pix_zero::engine::StableDiffusion;
 use pix2pix_zero::export::{save_png, write_atomically};
@@ -44,9 +46,13 @@ pub struct WordArgs {
     /// A file of sentences about the target word, one per line (default: built-in generator).
     #[arg(long)]
     pub target_sentences: Option<PathBuf>,
-    /// Sentences the built-in generator writes per word.
+    /// Sentences to write per word (built-in generator or --sentence-model).
     #[arg(long, default_value_t = DEFAULT_SENTENCES)]
     pub sentences: usize,
+    /// A local Flan-T5 (folder or repo id, e.g. google/flan-t5-base) that writes the sentences
+    /// instead of the built-in generator, as the authors' demo did.
+    #[arg(long)]
+    pub sentence_model: Option<String>,
 }
 
 impl WordArgs {
@@ -59,9 +65,22 @@ impl WordArgs {
         if from.eq_ignore_ascii_case(to) {
             bail!("--from and --to are both `{from}`: an edit needs two different words");
         }
-        let source = |file: &Option<PathBuf>| match file {
-            Some(path) => SentenceSource::File(path.clone()),
-            None => SentenceSource::Generated {
+        let writer = match &self.sentence_model {
+            Some(spec) => Some(SentenceWriter::locate(
+                spec,
+                &ResolveOptions::from_env(),
+                &mut DownloadBar::default(),
+            )?),
+            None => None,
+        };
+        let source = |file: &Option<PathBuf>| match (file, &writer) {
+            (Some(path), _) => SentenceSource::File(path.clone()),
+            (None, Some(dir)) => SentenceSource::Model {
+                dir: dir.clone(),
+                count: self.sentences,
+                seed,
+            },
+            (None, None) => SentenceSource::Generated {
                 count: self.sentences,
                 seed,
             },
@@ -282,7 +301,7 @@ fn blip_caption(
     image: &image::RgbImage,
     device: &candle_core::Device,
 ) -> Result<String> {
-    let options = pix2pix_zero::engine::source::ResolveOptions::from_env();
+    let options = ResolveOptions::from_env();
     let dir = Captioner::locate(captioner, &options, &mut DownloadBar::default()).with_context(|| {
         format!("no --caption was given and the captioner `{captioner}` is not available; pass --caption \"...\" or --captioner FOLDER")
     })?;

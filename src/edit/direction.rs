@@ -59,6 +59,15 @@ pub enum SentenceSource {
         /// Seed of the generator.
         seed: u64,
     },
+    /// A local Flan-T5 folder sampling `count` captions with `seed`.
+    Model {
+        /// The T5 folder (`config.json`, `model.safetensors`, `tokenizer.json`).
+        dir: PathBuf,
+        /// Sentences to write.
+        count: usize,
+        /// Seed of the sampling.
+        seed: u64,
+    },
 }
 
 impl SentenceSource {
@@ -67,6 +76,10 @@ impl SentenceSource {
         match self {
             SentenceSource::File(path) => sentences::read_file(path),
             SentenceSource::Generated { count, seed } => sentences::generate(word, *count, *seed),
+            SentenceSource::Model { dir, count, seed } => {
+                super::flan_t5::SentenceWriter::load(dir, &Device::Cpu)?
+                    .sentences(word, *count, *seed)
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod caption;
 pub mod direction;
+pub mod flan_t5;
 pub mod guidance;
 pub mod image;
 pub mod inversion;
