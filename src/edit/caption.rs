@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::VarBuilder;
 use candle_transformers::models::blip;
 use serde::Deserialize;
 
@@ -257,12 +256,7 @@ impl Captioner {
             p if p.is_file() => crate::engine::config::read_json(&p)?,
             _ => serde_json::from_str("{}").expect("all defaults"),
         };
-        let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
-                path: tokenizer_path.clone(),
-                message: e.to_string(),
-            })?;
+        let tokenizer = crate::engine::load_tokenizer_json(&dir.join("tokenizer.json"))?;
         let t = &raw.text_config;
         let v = &raw.vision_config;
         let config = blip::Config {
@@ -294,12 +288,7 @@ impl Captioner {
             image_text_hidden_size: raw.image_text_hidden_size,
         };
         let weights = dir.join("model.safetensors");
-        // SAFETY: read-only memory map of a weight file that is not modified while loading.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-            .map_err(|e| Error::Weights {
-                path: weights.clone(),
-                message: crate::engine::error::candle_message(&e),
-            })?;
+        let vb = crate::engine::open_weights(&weights, DType::F32, device)?;
         // transformers ties the LM head to the word embeddings and may not save it separately.
         let head = "text_decoder.cls.predictions.decoder.weight";
         let vb = if vb.contains_tensor(head) {
@@ -313,14 +302,9 @@ impl Captioner {
                 }
             })
         };
-        let model =
-            blip::BlipForConditionalGeneration::new(&config, vb).map_err(|e| Error::Weights {
-                path: weights.clone(),
-                message: format!(
-                    "{}. The weights do not match config.json: download the captioner again",
-                    crate::engine::error::candle_message(&e)
-                ),
-            })?;
+        let model = blip::BlipForConditionalGeneration::new(&config, vb).map_err(
+            crate::engine::weights_error(&weights, &dir.join("config.json")),
+        )?;
         Ok(Self {
             model,
             tokenizer,

@@ -8,7 +8,6 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::t5;
 
 use crate::engine::rng::Rng;
@@ -70,27 +69,11 @@ impl SentenceWriter {
                 config_path.display()
             )));
         }
-        let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer =
-            tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
-                path: tokenizer_path.clone(),
-                message: e.to_string(),
-            })?;
+        let tokenizer = crate::engine::load_tokenizer_json(&dir.join("tokenizer.json"))?;
         let weights = dir.join("model.safetensors");
-        // SAFETY: read-only memory map of a weight file that is not modified while loading.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
-            .map_err(|e| Error::Weights {
-                path: weights.clone(),
-                message: crate::engine::error::candle_message(&e),
-            })?;
-        let model =
-            t5::T5ForConditionalGeneration::load(vb, &config).map_err(|e| Error::Weights {
-                path: weights.clone(),
-                message: format!(
-                    "{}. The weights do not match config.json: download the model again",
-                    crate::engine::error::candle_message(&e)
-                ),
-            })?;
+        let vb = crate::engine::open_weights(&weights, DType::F32, device)?;
+        let model = t5::T5ForConditionalGeneration::load(vb, &config)
+            .map_err(crate::engine::weights_error(&weights, &config_path))?;
         Ok(Self {
             model,
             tokenizer,

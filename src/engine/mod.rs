@@ -51,7 +51,7 @@ pub struct StableDiffusion {
 }
 
 /// Opens a safetensors file as a `VarBuilder`, converting to `dtype` on load.
-fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: the file is memory-mapped read-only; like every safetensors reader we rely on it
     // not being modified while the model loads.
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }.map_err(|e| {
@@ -66,7 +66,7 @@ fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder
 }
 
 /// Turns candle's "cannot find tensor" / "shape mismatch" into an error naming both files.
-fn weights_error<'a>(
+pub fn weights_error<'a>(
     weights: &'a Path,
     config: &'a Path,
 ) -> impl Fn(candle_core::Error) -> Error + 'a {
@@ -79,6 +79,14 @@ fn weights_error<'a>(
             config.display()
         ),
     }
+}
+
+/// Loads a `tokenizer.json` with the `tokenizers` crate.
+pub fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 impl StableDiffusion {

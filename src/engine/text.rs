@@ -122,8 +122,7 @@ impl ClipTokenizer {
         }
         let json_path = dir.join("tokenizer.json");
         let inner = if json_path.is_file() {
-            tokenizers::Tokenizer::from_file(&json_path)
-                .map_err(|e| err(&json_path, e.to_string()))?
+            super::load_tokenizer_json(&json_path)?
         } else {
             let vocab_path = dir.join("vocab.json");
             let merges_path = dir.join("merges.txt");
