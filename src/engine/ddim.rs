@@ -285,6 +285,17 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     fn sd_config() -> SchedulerConfig {
         serde_json::from_value(serde_json::json!({
             "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -331,24 +342,10 @@ mod tests {
         let v = ((&eps * a.sqrt()).unwrap() - (&x0 * (1.0 - a).sqrt()).unwrap()).unwrap();
         let by_eps = eps_ddim.step(&eps, 601, &x, 50).unwrap();
         let by_v = v_ddim.step(&v, 601, &x, 50).unwrap();
-        let err: f32 = (by_eps - by_v)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let err = max_abs_diff(&by_eps, &by_v);
         assert!(err < 1e-5, "{err}");
         let back = v_ddim.epsilon(&v, &x, a).unwrap();
-        let err: f32 = (back - eps)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let err = max_abs_diff(&back, &eps);
         assert!(err < 1e-5, "{err}");
     }
 
@@ -365,14 +362,7 @@ mod tests {
             alpha_to: ddim.alphas_cumprod()[481] as f64,
         };
         let back = ddim.inverse_step(&eps, &step, &down).unwrap();
-        let err: f32 = (back - x)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let err = max_abs_diff(&back, &x);
         assert!(err < 1e-5, "{err}");
     }
 }
