@@ -11,7 +11,9 @@ use pix2pix_zero::edit::guidance::GuidanceParams;
 use pix2pix_zero::edit::inversion::InversionParams;
 use pix2pix_zero::edit::noise_reg::NoiseRegularization;
 use pix2pix_zero::edit::session::Session;
-use pix2pix_zero::edit::{edit, photo_session, synthetic_session, EditSettings, PhotoSettings};
+use pix2pix_zero::edit::{
+    edit, photo_session, synthetic_session, EditOutcome, EditSettings, PhotoSettings,
+};
 use pix2pix_zero::engine::ddim::InverseSchedule;
 use pix2pix_zero::engine::vae::LatentDraw;
 use pix2pix_zero::engine::{Error, StableDiffusion};
@@ -41,6 +43,24 @@ fn settings(lambda_xa: f64, strength: f64) -> EditSettings {
         },
         strength,
     }
+}
+
+/// Edits `session` along the random direction `seed`, with no progress report and no cancel.
+fn edit_with(
+    model: &StableDiffusion,
+    session: &mut Session,
+    seed: u64,
+    settings: &EditSettings,
+) -> EditOutcome {
+    edit(
+        model,
+        session,
+        &delta(model, seed),
+        settings,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap()
 }
 
 fn new_session(model: &StableDiffusion) -> Session {
@@ -75,15 +95,7 @@ fn a_re_edit_replays_the_cache_and_equals_a_fresh_edit() {
     let model = tiny_model();
     let never = AtomicBool::new(false);
     let mut cached = new_session(&model);
-    let first = edit(
-        &model,
-        &mut cached,
-        &delta(&model, 1),
-        &settings(0.1, 1.0),
-        &mut |_| {},
-        &never,
-    )
-    .unwrap();
+    let first = edit_with(&model, &mut cached, 1, &settings(0.1, 1.0));
     assert!(!first.reused_reference);
     assert!(cached.is_complete());
 
@@ -102,15 +114,7 @@ fn a_re_edit_replays_the_cache_and_equals_a_fresh_edit() {
     assert!(stages.iter().all(|s| *s == "edit"), "{stages:?}");
 
     let mut fresh = new_session(&model);
-    let from_scratch = edit(
-        &model,
-        &mut fresh,
-        &delta(&model, 2),
-        &settings(0.2, 0.7),
-        &mut |_| {},
-        &never,
-    )
-    .unwrap();
+    let from_scratch = edit_with(&model, &mut fresh, 2, &settings(0.2, 0.7));
     assert_eq!(
         max_diff(&re_edit.latent, &from_scratch.latent),
         0.0,
@@ -162,26 +166,9 @@ fn sessions_round_trip_through_disk_and_report_their_size() {
     );
 
     // The loaded session gives the same re-edit as the one in memory.
-    let never = AtomicBool::new(false);
     let mut loaded = loaded;
-    let a = edit(
-        &model,
-        &mut session,
-        &delta(&model, 5),
-        &settings(0.1, 1.0),
-        &mut |_| {},
-        &never,
-    )
-    .unwrap();
-    let b = edit(
-        &model,
-        &mut loaded,
-        &delta(&model, 5),
-        &settings(0.1, 1.0),
-        &mut |_| {},
-        &never,
-    )
-    .unwrap();
+    let a = edit_with(&model, &mut session, 5, &settings(0.1, 1.0));
+    let b = edit_with(&model, &mut loaded, 5, &settings(0.1, 1.0));
     assert_eq!(max_diff(&a.latent, &b.latent), 0.0);
 }
 
@@ -261,41 +248,16 @@ fn a_cancelled_edit_leaves_the_session_as_it_was() {
 #[test]
 fn synthetic_edits_re_run_the_reference_when_the_cfg_scale_changes() {
     let model = tiny_model();
-    let never = AtomicBool::new(false);
     let mut session =
         synthetic_session(&model, "a photo of a cat", 4, (128, 128), STEPS, 5.0).unwrap();
-    let first = edit(
-        &model,
-        &mut session,
-        &delta(&model, 1),
-        &settings(0.15, 1.0),
-        &mut |_| {},
-        &never,
-    )
-    .unwrap();
+    let first = edit_with(&model, &mut session, 1, &settings(0.15, 1.0));
     assert!(!first.reused_reference);
-    let same_scale = edit(
-        &model,
-        &mut session,
-        &delta(&model, 1),
-        &settings(0.15, 1.0),
-        &mut |_| {},
-        &never,
-    )
-    .unwrap();
+    let same_scale = edit_with(&model, &mut session, 1, &settings(0.15, 1.0));
     assert!(same_scale.reused_reference);
     assert_eq!(max_diff(&first.latent, &same_scale.latent), 0.0);
     let mut other = settings(0.15, 1.0);
     other.guidance.guidance_scale = 7.5;
-    let new_scale = edit(
-        &model,
-        &mut session,
-        &delta(&model, 1),
-        &other,
-        &mut |_| {},
-        &never,
-    )
-    .unwrap();
+    let new_scale = edit_with(&model, &mut session, 1, &other);
     assert!(
         !new_scale.reused_reference,
         "the reference pass of a synthetic image depends on the CFG scale"
