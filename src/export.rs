@@ -36,6 +36,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether two paths name the same existing file (after resolving links and `..`).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Encodes an RGB image as PNG with `tEXt`/`iTXt` chunks for `text` (key, value) pairs.
 pub fn encode_png(image: &image::RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
     let mut out = Vec::new();

@@ -225,10 +225,7 @@ fn reporter() -> impl FnMut(EditorProgress) {
 /// Refuses to write over the input image.
 fn check_output(out: &Path, input: Option<&Path>) -> Result<()> {
     if let Some(input) = input {
-        let same = match (std::fs::canonicalize(out), std::fs::canonicalize(input)) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => false,
-        };
+        let same = pix2pix_zero::export::same_file(out, input);
         if same {
             bail!(
                 "`{}` is the input image: choose another --out, the source is never overwritten",

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod editing;
 pub mod generate;
+pub mod gui;
 pub mod info;
 
 use std::path::PathBuf;
@@ -107,16 +108,7 @@ impl ModelArgs {
 
 /// CUDA or Metal when compiled in and present (unless `cpu`), else the CPU.
 pub fn pick_device(cpu: bool) -> Result<Device> {
-    if cpu {
-        return Ok(Device::Cpu);
-    }
-    if candle_core::utils::cuda_is_available() {
-        return Ok(Device::new_cuda(0)?);
-    }
-    if candle_core::utils::metal_is_available() {
-        return Ok(Device::new_metal(0)?);
-    }
-    Ok(Device::Cpu)
+    Ok(pix2pix_zero::engine::pick_device(cpu)?)
 }
 
 /// A step progress bar with the stage name and time left.

@@ -157,6 +157,9 @@ pub struct GuidedStep {
     pub eps: Tensor,
     /// The latent of the next timestep.
     pub next: Tensor,
+    /// The conditional half's cross-attention maps of the edited pass, `(heads, h·w, 77)` by
+    /// layer, when they were asked for (the GUI's overlay; the CLI does not ask).
+    pub edited_maps: Option<BTreeMap<String, RecordedMap>>,
 }
 
 /// The gradient of one CFG half's share of the loss at `x` `(1, 4, h, w)`.
@@ -186,6 +189,10 @@ fn half_gradient(
 }
 
 /// One step of the edited pass at timestep `t` of a `steps`-step schedule.
+///
+/// With `record_edited: Some(dtype)` the noise prediction at the moved latents also records the
+/// conditional half's cross-attention maps, detached, in `dtype`.
+#[allow(clippy::too_many_arguments)]
 pub fn guided_step(
     model: &StableDiffusion,
     x: &Tensor,
@@ -194,6 +201,7 @@ pub fn guided_step(
     reference: &StepMaps,
     embeddings: &PassEmbeddings,
     params: &GuidanceParams,
+    record_edited: Option<DType>,
 ) -> Result<GuidedStep> {
     let halves = [&embeddings.negative, &embeddings.edited];
     let mut moved = Vec::with_capacity(2);
@@ -209,7 +217,18 @@ pub fn guided_step(
     }
     let moved = Tensor::cat(&moved, 0)?;
     let context = Tensor::cat(&halves, 0)?;
-    let out = model.unet.forward(&moved, t as f64, &context, None)?;
+    let mut recorder = record_edited.map(|dtype| {
+        Recorder::new(AttentionKind::CrossAttention, Keep::Detached(dtype))
+            .only_batch_items(vec![1])
+    });
+    let out = model.unet.forward(
+        &moved,
+        t as f64,
+        &context,
+        recorder
+            .as_mut()
+            .map(|r| r as &mut dyn crate::engine::control::AttentionControl),
+    )?;
     let eps = classifier_free_guidance(&out, params.guidance_scale)?;
     // The authors carry the *unconditional* copy of the moved latents on.
     let carried = moved.narrow(0, 0, 1)?;
@@ -219,5 +238,6 @@ pub fn guided_step(
         moved,
         eps,
         next,
+        edited_maps: recorder.map(|mut r| r.take()),
     })
 }

@@ -16,13 +16,16 @@ pub mod tensor_file;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::Tensor;
+use std::collections::BTreeMap;
 
+use candle_core::{DType, Tensor};
+
+use crate::engine::control::RecordedMap;
 use crate::engine::generate::{check_image_size, initial_noise};
 use crate::engine::rng::Rng;
 use crate::engine::vae::LatentDraw;
 use crate::engine::{Error, Result, StableDiffusion};
-use guidance::{guided_step, reference_step, GuidanceParams, PassEmbeddings};
+use guidance::{guided_step, reference_step, GuidanceParams, PassEmbeddings, StepMaps};
 use inversion::{invert, InversionParams};
 use noise_reg::{RandomShifts, ShiftRange};
 use session::{Session, SessionHeader, SessionSource, MAP_DTYPE, SESSION_FORMAT};
@@ -193,6 +196,50 @@ pub struct EditOutcome {
     pub reused_reference: bool,
 }
 
+/// What one finished timestep of an edit exposes to an [`EditObserver`].
+#[derive(Debug)]
+pub struct EditStep<'a> {
+    /// The step, from 0.
+    pub index: usize,
+    /// Steps in all.
+    pub total: usize,
+    /// The DDIM timestep `t`.
+    pub timestep: usize,
+    /// The reference pass's maps of this step (cached or fresh).
+    pub reference: &'a StepMaps,
+    /// The edited pass's conditional maps, `(heads, h·w, 77)` by layer, when
+    /// [`EditObserver::wants_maps`] asked for them.
+    pub edited: Option<&'a BTreeMap<String, RecordedMap>>,
+    /// The edited latent after this step, `(1, 4, h, w)`.
+    pub latent: &'a Tensor,
+    /// The clean latent x̂₀ this step predicts, `(1, 4, h, w)`: a preview of the result.
+    pub predicted_x0: &'a Tensor,
+}
+
+/// Watches an edit: progress for every step, and optionally each step's maps and latents.
+///
+/// Any `FnMut(EditorProgress)` is an observer that only wants progress.
+pub trait EditObserver {
+    /// Called after every step.
+    fn progress(&mut self, progress: EditorProgress);
+
+    /// Whether [`EditObserver::step`] wants the edited pass's maps, which costs recording them.
+    fn wants_maps(&self) -> bool {
+        false
+    }
+
+    /// Called after every step, before [`EditObserver::progress`].
+    fn step(&mut self, _step: &EditStep<'_>) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl<F: FnMut(EditorProgress)> EditObserver for F {
+    fn progress(&mut self, progress: EditorProgress) {
+        self(progress)
+    }
+}
+
 /// Edits the image of `session` along `direction` `(1, 77, d)`.
 ///
 /// The first edit runs the reference pass in lockstep with the edited pass and caches its maps
@@ -204,6 +251,25 @@ pub fn edit(
     direction: &Tensor,
     settings: &EditSettings,
     progress: &mut dyn FnMut(EditorProgress),
+    cancel: &AtomicBool,
+) -> Result<EditOutcome> {
+    edit_observed(
+        model,
+        session,
+        direction,
+        settings,
+        &mut |p| progress(p),
+        cancel,
+    )
+}
+
+/// [`edit`] with an observer that may also watch each step's maps and predicted image.
+pub fn edit_observed(
+    model: &StableDiffusion,
+    session: &mut Session,
+    direction: &Tensor,
+    settings: &EditSettings,
+    observer: &mut dyn EditObserver,
     cancel: &AtomicBool,
 ) -> Result<EditOutcome> {
     let steps = session.header.steps;
@@ -252,10 +318,31 @@ pub fn edit(
         } else {
             &fresh_maps[i]
         };
-        let step = guided_step(model, &x, t, steps, maps, &embeddings, &settings.guidance)?;
+        let record = observer.wants_maps().then_some(DType::F32);
+        let step = guided_step(
+            model,
+            &x,
+            t,
+            steps,
+            maps,
+            &embeddings,
+            &settings.guidance,
+            record,
+        )?;
+        let carried = step.moved.narrow(0, 0, 1)?;
+        let predicted_x0 = model.scheduler.predicted_x0(&step.eps, &carried, t)?;
+        observer.step(&EditStep {
+            index: i,
+            total: timesteps.len(),
+            timestep: t,
+            reference: maps,
+            edited: step.edited_maps.as_ref(),
+            latent: &step.next,
+            predicted_x0: &predicted_x0,
+        })?;
         x = step.next;
         losses.push(step.loss);
-        progress(EditorProgress {
+        observer.progress(EditorProgress {
             stage,
             step: i + 1,
             total: timesteps.len(),

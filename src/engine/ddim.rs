@@ -248,6 +248,14 @@ impl Ddim {
         Ok(self.split_prediction(model_output, x, alpha)?.1)
     }
 
+    /// The clean latent x̂₀ that the UNet's prediction `model_output` at timestep `t` implies
+    /// for `x`: what the image would be if denoising stopped here (the editor's previews).
+    pub fn predicted_x0(&self, model_output: &Tensor, x: &Tensor, t: usize) -> Result<Tensor> {
+        Ok(self
+            .split_prediction(model_output, x, self.alpha_at(t as i64))?
+            .0)
+    }
+
     /// `(x̂₀, ε)` from the UNet's prediction at noise level `alpha`.
     fn split_prediction(&self, out: &Tensor, x: &Tensor, alpha: f64) -> Result<(Tensor, Tensor)> {
         let (sa, s1a) = (alpha.sqrt(), (1.0 - alpha).sqrt());

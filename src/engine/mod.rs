@@ -50,6 +50,20 @@ pub struct StableDiffusion {
     pub dtype: DType,
 }
 
+/// CUDA or Metal when compiled in and present (unless `cpu`), else the CPU.
+pub fn pick_device(cpu: bool) -> candle_core::Result<Device> {
+    if cpu {
+        return Ok(Device::Cpu);
+    }
+    if candle_core::utils::cuda_is_available() {
+        return Device::new_cuda(0);
+    }
+    if candle_core::utils::metal_is_available() {
+        return Device::new_metal(0);
+    }
+    Ok(Device::Cpu)
+}
+
 /// Opens a safetensors file as a `VarBuilder`, converting to `dtype` on load.
 pub fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: the file is memory-mapped read-only; like every safetensors reader we rely on it
