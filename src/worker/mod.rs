@@ -1,0 +1,331 @@
+//! The one thread boundary between the desktop app and the models.
+//!
+//! The app sends [`Command`]s over a crossbeam channel; one worker thread owns the model, the
+//! captioner and the session cache, runs each command, and answers with [`Event`]s (progress,
+//! step maps, previews, results, errors). After every event it calls the app's `wake` hook, so
+//! the UI repaints only when something arrived. A panic inside a command becomes an
+//! [`Event::Error`]; the thread survives it.
+
+pub mod attention;
+mod jobs;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::edit::EditSettings;
+use crate::engine::source::ResolveOptions;
+pub use attention::{AttentionGrid, StepAttention};
+
+/// How the worker finds its models and caches.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The BLIP captioner: a folder or a repo id.
+    pub captioner: String,
+    /// Where mean sentence embeddings are cached.
+    pub embedding_cache: PathBuf,
+    /// Sentences written per word for an edit direction.
+    pub sentences: usize,
+    /// How repo ids are looked up (the cache folder); downloads happen only when a command
+    /// allows them.
+    pub resolve: ResolveOptions,
+    /// Run on the CPU even when a GPU is available.
+    pub cpu: bool,
+    /// Decode a preview of the predicted clean image every this many edit steps (0: never).
+    pub preview_every: usize,
+}
+
+/// Everything the app can ask of the worker.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Find and load a Stable Diffusion model: a folder or a repo id. Without `allow_download`
+    /// only local folders and the Hugging Face cache are looked at.
+    LoadModel {
+        /// Folder or repo id.
+        spec: String,
+        /// Whether a missing repo may be downloaded.
+        allow_download: bool,
+    },
+    /// Open a photo at working size `size` (long side; `None`: the model's default) and caption
+    /// it when a captioner is available.
+    Open {
+        /// The photo.
+        path: PathBuf,
+        /// Working long side, a multiple of 64.
+        size: Option<usize>,
+    },
+    /// Caption the open photo with BLIP (downloading BLIP if allowed).
+    Caption {
+        /// Whether a missing captioner may be downloaded.
+        allow_download: bool,
+    },
+    /// Tokenize a caption, for the overlay's token picker.
+    Tokenize {
+        /// The caption.
+        caption: String,
+    },
+    /// Invert if needed, then edit the open photo.
+    Edit(EditRequest),
+    /// Write the last result (and optionally the overlay and maps) to disk.
+    Export(ExportRequest),
+    /// Stop the thread.
+    Shutdown,
+}
+
+/// One edit of the open photo.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditRequest {
+    /// The caption that conditions inversion and the reference pass.
+    pub caption: String,
+    /// The word in the photo.
+    pub from: String,
+    /// The word it should become.
+    pub to: String,
+    /// DDIM steps.
+    pub steps: usize,
+    /// Seed of the regularization's shifts and of the sentence generator.
+    pub seed: u64,
+    /// Working long side (`None`: the model's default).
+    pub size: Option<usize>,
+    /// λ_xa, CFG scale and edit strength.
+    pub settings: EditSettings,
+}
+
+/// Image formats an export can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExportFormat {
+    /// Lossless, with the parameters in an `iTXt` chunk.
+    Png,
+    /// Quality 95.
+    Jpeg,
+    /// Lossless WebP.
+    WebP,
+}
+
+impl ExportFormat {
+    /// Every format, for pickers.
+    pub const ALL: [ExportFormat; 3] = [ExportFormat::Png, ExportFormat::Jpeg, ExportFormat::WebP];
+
+    /// The file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ExportFormat::Png => "png",
+            ExportFormat::Jpeg => "jpg",
+            ExportFormat::WebP => "webp",
+        }
+    }
+}
+
+/// What to write on export.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    /// The edited image's path; the sidecar goes beside it with `.json`.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: ExportFormat,
+    /// Whether an existing file may be replaced (the app asked the user).
+    pub overwrite: bool,
+    /// The overlay as shown (working size, RGB), written as `<stem>-overlay.png`.
+    pub overlay: Option<image::RgbImage>,
+    /// Attention maps by token label (working size, gray), written into `<stem>-attention/`.
+    pub maps: Vec<(String, image::GrayImage)>,
+}
+
+/// The loaded model, for display.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// What the user asked for.
+    pub spec: String,
+    /// Where the files are.
+    pub root: PathBuf,
+    /// The device, in words.
+    pub device: String,
+    /// The default working side (512 for SD 1.x).
+    pub default_side: usize,
+}
+
+/// A photo the worker opened.
+#[derive(Debug, Clone)]
+pub struct OpenedImage {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its size on disk.
+    pub original_size: (u32, u32),
+    /// The photo at working size.
+    pub working: image::RgbImage,
+}
+
+/// What an edit produced.
+#[derive(Debug, Clone)]
+pub struct EditResult {
+    /// The edited image at working size.
+    pub image: image::RgbImage,
+    /// The reference pass's image (inversion quality check), when this edit made or kept one.
+    pub reconstruction: Option<image::RgbImage>,
+    /// Whether this edit had to invert the photo (false: the session cache served it).
+    pub inverted: bool,
+    /// Whether the reference maps came from the session cache (a re-edit).
+    pub reused_reference: bool,
+    /// The cross-attention loss per step.
+    pub losses: Vec<f64>,
+    /// Wall time of the whole command.
+    pub elapsed: Duration,
+    /// The parameters, as written into exports.
+    pub record: serde_json::Value,
+}
+
+/// Everything the worker reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A model is being looked up and loaded.
+    ModelLoading {
+        /// Folder or repo id.
+        spec: String,
+    },
+    /// Bytes of a download arrived.
+    Download {
+        /// The file.
+        file: String,
+        /// Bytes so far.
+        done: u64,
+        /// Bytes in all.
+        total: u64,
+    },
+    /// The model is ready.
+    ModelReady(ModelInfo),
+    /// The model could not be found or loaded; `message` says where we looked and what to do.
+    ModelMissing {
+        /// Folder or repo id.
+        spec: String,
+        /// What went wrong and the fix.
+        message: String,
+        /// Whether downloading it would help (a repo id that is not cached).
+        downloadable: bool,
+    },
+    /// A photo was opened.
+    Opened(OpenedImage),
+    /// BLIP captioned the photo.
+    Captioned {
+        /// The caption.
+        caption: String,
+    },
+    /// No caption could be made; the user types one.
+    CaptionUnavailable {
+        /// Why, and the fix.
+        message: String,
+    },
+    /// The caption's CLIP tokens, BOS and EOS included.
+    Tokens {
+        /// The caption tokenized.
+        caption: String,
+        /// Token strings, e.g. `["<|startoftext|>", "a</w>", "cat</w>", …]`.
+        tokens: Vec<String>,
+    },
+    /// A step of a long computation finished.
+    Progress {
+        /// "invert", "direction", "reference + edit", "edit" or "decode".
+        stage: String,
+        /// Steps done.
+        step: usize,
+        /// Steps in all.
+        total: usize,
+        /// The cross-attention loss, for edit stages.
+        loss: Option<f64>,
+    },
+    /// One edit step's reduced cross-attention maps.
+    Attention(StepAttention),
+    /// The predicted clean image after an edit step.
+    Preview {
+        /// The step, from 0.
+        step: usize,
+        /// The image at working size.
+        image: image::RgbImage,
+    },
+    /// An edit finished.
+    Edited(EditResult),
+    /// Files were written.
+    Exported {
+        /// Every file written.
+        paths: Vec<PathBuf>,
+    },
+    /// A command stopped at the user's request.
+    Cancelled {
+        /// Which stage stopped.
+        stage: String,
+    },
+    /// A command failed; the worker is still alive.
+    Error {
+        /// What went wrong and the fix.
+        message: String,
+    },
+    /// The worker finished a command and waits for the next.
+    Idle,
+}
+
+/// The app's handle on the worker thread: send commands, poll events, cancel.
+pub struct Worker {
+    commands: Sender<Command>,
+    events: Receiver<Event>,
+    cancel: Arc<Mutex<Arc<AtomicBool>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Starts the worker thread. `wake` is called after every event (e.g. egui's
+    /// `request_repaint`).
+    pub fn spawn(config: WorkerConfig, wake: impl Fn() + Send + 'static) -> std::io::Result<Self> {
+        let (command_tx, command_rx) = crossbeam_channel::unbounded();
+        let (event_tx, event_rx) = crossbeam_channel::unbounded();
+        let cancel = Arc::new(Mutex::new(Arc::new(AtomicBool::new(false))));
+        let outbox = jobs::Outbox::new(event_tx, Box::new(wake));
+        let slot = cancel.clone();
+        let thread = std::thread::Builder::new()
+            .name("p2pz-worker".into())
+            .spawn(move || jobs::run(config, command_rx, outbox, slot))?;
+        Ok(Self {
+            commands: command_tx,
+            events: event_rx,
+            cancel,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a command. Commands run one at a time, in order; of several queued edits only
+    /// the newest runs.
+    pub fn send(&self, command: Command) {
+        // The receiver lives as long as the thread; a send fails only after a shutdown.
+        let _ = self.commands.send(command);
+    }
+
+    /// The next event, if one has arrived.
+    pub fn try_recv(&self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
+
+    /// Asks the running command to stop; it does so within one step.
+    pub fn cancel(&self) {
+        if let Ok(current) = self.cancel.lock() {
+            current.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.cancel();
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
