@@ -12,12 +12,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "p2pz", version, about)]
 struct Cli {
+    /// Without a subcommand, the editor window opens.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Open the desktop editor (the default without a subcommand).
+    Gui(cli::gui::GuiArgs),
     /// Show what a model folder holds: components, dtypes, parameters, attention layers.
     Info(cli::info::InfoArgs),
     /// Generate an image from a prompt.
@@ -35,7 +38,11 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let result = match Cli::parse().command {
+    let command = Cli::parse()
+        .command
+        .unwrap_or_else(|| Command::Gui(cli::gui::GuiArgs::default()));
+    let result = match command {
+        Command::Gui(args) => cli::gui::run(args),
         Command::Info(args) => cli::info::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Bench(args) => cli::bench::run(args),

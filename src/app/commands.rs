@@ -1,0 +1,292 @@
+//! Every user intent as one [`AppCommand`], handled in one `match`: panels, menus and keyboard
+//! shortcuts only push commands; this is where they turn into worker commands and state changes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::dialogs::DialogPurpose;
+use super::heatmap;
+use super::state::{CompareMode, JobState, ThemeChoice};
+use super::P2pzApp;
+use crate::edit::guidance::GuidanceParams;
+use crate::edit::EditSettings;
+use crate::export::same_file;
+use crate::worker::{Command, EditRequest, ExportRequest};
+
+/// A user intent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppCommand {
+    /// Show the native open dialog.
+    PickImage,
+    /// Open this photo.
+    OpenPath(PathBuf),
+    /// Show the native folder dialog for a model.
+    PickModelFolder,
+    /// Load the model named in the Model field.
+    LoadModel {
+        /// Whether a missing repo may be downloaded.
+        allow_download: bool,
+    },
+    /// Caption the photo again with BLIP.
+    Caption {
+        /// Whether a missing captioner may be downloaded.
+        allow_download: bool,
+    },
+    /// Swap the source and target words.
+    SwapWords,
+    /// Run the edit (inverting first when the session cache cannot serve it).
+    Run,
+    /// Stop the running command within one step.
+    Cancel,
+    /// Show the native save dialog for the export path.
+    PickExportPath,
+    /// Export the last result.
+    Export {
+        /// The user confirmed replacing an existing file.
+        overwrite: bool,
+    },
+    /// Toggle between the photo and the edit.
+    ToggleCompare,
+    /// Switch the theme.
+    SetTheme(ThemeChoice),
+}
+
+/// Shortcuts: (modifiers, key, command). The Help panel lists them from here.
+pub fn shortcuts() -> Vec<(egui::KeyboardShortcut, AppCommand, &'static str)> {
+    use egui::{Key, KeyboardShortcut, Modifiers};
+    vec![
+        (
+            KeyboardShortcut::new(Modifiers::COMMAND, Key::O),
+            AppCommand::PickImage,
+            "open a photo",
+        ),
+        (
+            KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter),
+            AppCommand::Run,
+            "run the edit",
+        ),
+        (
+            KeyboardShortcut::new(Modifiers::COMMAND, Key::S),
+            AppCommand::Export { overwrite: false },
+            "export",
+        ),
+        (
+            KeyboardShortcut::new(Modifiers::NONE, Key::Escape),
+            AppCommand::Cancel,
+            "cancel",
+        ),
+        (
+            KeyboardShortcut::new(Modifiers::COMMAND, Key::B),
+            AppCommand::ToggleCompare,
+            "before / after",
+        ),
+    ]
+}
+
+impl P2pzApp {
+    /// Carries out one intent.
+    pub fn execute(&mut self, command: AppCommand, ctx: &egui::Context) {
+        let state = &mut self.state;
+        match command {
+            AppCommand::PickImage => {
+                let dir = state
+                    .photo
+                    .as_ref()
+                    .and_then(|p| p.path.parent().map(PathBuf::from));
+                self.dialogs.open(DialogPurpose::OpenImage, dir, ctx);
+            }
+            AppCommand::OpenPath(path) => {
+                if !path.is_file() {
+                    state.notify(
+                        true,
+                        format!(
+                            "`{}` is not a file: type the path of a PNG, JPEG or WebP photo",
+                            path.display()
+                        ),
+                    );
+                    return;
+                }
+                state.job = Some(JobState::new("open"));
+                self.worker.send(Command::Open {
+                    path,
+                    size: state.persisted.size,
+                });
+            }
+            AppCommand::PickModelFolder => self.dialogs.open(DialogPurpose::ModelFolder, None, ctx),
+            AppCommand::LoadModel { allow_download } => {
+                let spec = state.persisted.model_spec.trim().to_string();
+                if spec.is_empty() {
+                    state.notify(true, "the Model field is empty: type a folder or a repo id");
+                    return;
+                }
+                state.job = Some(JobState::new("model"));
+                self.worker.send(Command::LoadModel {
+                    spec,
+                    allow_download,
+                });
+            }
+            AppCommand::Caption { allow_download } => {
+                if state.photo.is_none() {
+                    state.notify(true, "open a photo first");
+                    return;
+                }
+                state.job = Some(JobState::new("caption"));
+                self.worker.send(Command::Caption { allow_download });
+            }
+            AppCommand::SwapWords => {
+                let p = &mut state.persisted;
+                std::mem::swap(&mut p.from, &mut p.to);
+            }
+            AppCommand::Run => {
+                if let Some(problem) = run_blocker(state) {
+                    state.notify(true, problem);
+                    return;
+                }
+                if state.busy() {
+                    // A slider moved during an edit: stop it and run the newest settings.
+                    self.worker.cancel();
+                }
+                let p = &state.persisted;
+                let request = EditRequest {
+                    caption: state.caption.trim().to_string(),
+                    from: p.from.trim().to_string(),
+                    to: p.to.trim().to_string(),
+                    steps: p.sliders.steps,
+                    seed: p.sliders.seed,
+                    size: p.size,
+                    settings: EditSettings {
+                        guidance: GuidanceParams {
+                            lambda_xa: p.sliders.lambda_xa,
+                            guidance_scale: p.sliders.guidance_scale,
+                        },
+                        strength: p.sliders.strength,
+                    },
+                };
+                state.job = Some(JobState::new("edit"));
+                state.compare = CompareMode::Edited;
+                state.rerun_pending = false;
+                self.worker.send(Command::Edit(request));
+            }
+            AppCommand::Cancel => {
+                if let Some(job) = &mut state.job {
+                    job.cancelling = true;
+                    self.worker.cancel();
+                }
+            }
+            AppCommand::PickExportPath => {
+                let dir = state
+                    .photo
+                    .as_ref()
+                    .and_then(|p| p.path.parent().map(PathBuf::from));
+                self.dialogs.open(DialogPurpose::ExportPath, dir, ctx);
+            }
+            AppCommand::Export { overwrite } => self.export(overwrite),
+            AppCommand::ToggleCompare => {
+                state.compare = match state.compare {
+                    CompareMode::Original => CompareMode::Edited,
+                    _ => CompareMode::Original,
+                };
+            }
+            AppCommand::SetTheme(theme) => {
+                state.persisted.theme = theme;
+                super::apply_theme(ctx, theme);
+            }
+        }
+    }
+
+    fn export(&mut self, overwrite: bool) {
+        let state = &mut self.state;
+        if state.result.is_none() {
+            state.notify(true, "nothing to export yet: run an edit first");
+            return;
+        }
+        let path = PathBuf::from(state.export.path.trim());
+        if path.as_os_str().is_empty() {
+            state.notify(true, "the Export path is empty: type a file name");
+            return;
+        }
+        if let Some(photo) = &state.photo {
+            if same_file(&path, &photo.path) {
+                state.notify(
+                    true,
+                    "the export path is the photo being edited: choose another name, the source \
+                     is never overwritten",
+                );
+                return;
+            }
+        }
+        if path.exists() && !overwrite {
+            state.export.confirm_overwrite = true;
+            return;
+        }
+        let format = format_for(&path).unwrap_or(state.persisted.export_format);
+        let overlay = state
+            .export
+            .overlay
+            .then(|| self.view.overlay_image(state))
+            .flatten();
+        let maps = if state.export.maps {
+            self.view.token_maps(state)
+        } else {
+            vec![]
+        };
+        state.export.confirm_overwrite = false;
+        state.job = Some(JobState::new("export"));
+        self.worker.send(Command::Export(ExportRequest {
+            path,
+            format,
+            overwrite,
+            overlay,
+            maps,
+        }));
+    }
+}
+
+/// Why an edit cannot start yet, if it cannot.
+fn run_blocker(state: &super::state::AppState) -> Option<&'static str> {
+    if !matches!(state.model, super::state::ModelStatus::Ready(_)) {
+        return Some("no model is loaded: choose a model folder or repo id in the Model panel");
+    }
+    if state.photo.is_none() {
+        return Some("open a photo first (Ctrl+O, drop a file on the window, or type its path)");
+    }
+    if state.caption.trim().is_empty() {
+        return Some("the caption is empty: describe the photo in a few words");
+    }
+    if state.persisted.from.trim().is_empty() || state.persisted.to.trim().is_empty() {
+        return Some("type the word in the photo and the word it should become");
+    }
+    None
+}
+
+/// The export format a path's extension names.
+fn format_for(path: &std::path::Path) -> Option<crate::worker::ExportFormat> {
+    use crate::worker::ExportFormat;
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    ExportFormat::ALL
+        .into_iter()
+        .find(|f| f.extension() == ext || (ext == "jpeg" && *f == ExportFormat::Jpeg))
+}
+
+/// The heat maps of every caption token at the overlay's step and view, working size.
+pub fn token_heat_maps(state: &super::state::AppState) -> Vec<(String, heatmap::HeatMap)> {
+    let Some(step) = state.overlay_step() else {
+        return vec![];
+    };
+    let o = &state.persisted.overlay;
+    state
+        .tokens
+        .1
+        .iter()
+        .enumerate()
+        .filter_map(|(i, label)| {
+            let raw = heatmap::raw_map(step, i, o.view, o.resolution)?;
+            Some((label.clone(), heatmap::normalise(raw, o.view)))
+        })
+        .collect()
+}
+
+/// Keeps `Arc` identity as a cheap revision for textures.
+pub fn revision_of<T>(value: &Arc<T>) -> u64 {
+    Arc::as_ptr(value) as usize as u64
+}

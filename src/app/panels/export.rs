@@ -1,0 +1,63 @@
+//! The Export panel: path, format, the overlay and maps for people who study them, and the
+//! overwrite confirmation.
+
+use crate::app::commands::AppCommand;
+use crate::app::state::AppState;
+use crate::worker::ExportFormat;
+
+/// Draws the panel.
+pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppCommand>) {
+    ui.heading("Export result");
+    let label = ui.label("Export path");
+    let field =
+        egui::TextEdit::singleline(&mut state.export.path).desired_width(ui.available_width());
+    ui.add(field).labelled_by(label.id);
+    if ui.button("Choose…").clicked() {
+        commands.push(AppCommand::PickExportPath);
+    }
+    ui.horizontal(|ui| {
+        let format = &mut state.persisted.export_format;
+        let before = *format;
+        for f in ExportFormat::ALL {
+            ui.radio_value(format, f, f.extension().to_uppercase());
+        }
+        if *format != before {
+            // Keep the typed name, change its extension.
+            let path = std::path::PathBuf::from(state.export.path.trim());
+            if !state.export.path.trim().is_empty() {
+                state.export.path = path
+                    .with_extension(format.extension())
+                    .display()
+                    .to_string();
+            }
+        }
+    });
+    ui.checkbox(&mut state.export.overlay, "Also export the overlay");
+    ui.checkbox(
+        &mut state.export.maps,
+        "Also export attention maps (one per token)",
+    );
+    if state.export.confirm_overwrite {
+        ui.colored_label(ui.visuals().warn_fg_color, "That file exists.");
+        ui.horizontal(|ui| {
+            if ui.button("Overwrite").clicked() {
+                commands.push(AppCommand::Export { overwrite: true });
+            }
+            if ui.button("Keep it").clicked() {
+                state.export.confirm_overwrite = false;
+            }
+        });
+    } else {
+        let ready = state.result.is_some();
+        if ui
+            .add_enabled(ready, egui::Button::new("Export"))
+            .on_hover_text("Ctrl+S; PNG carries the parameters, a .json sidecar too")
+            .clicked()
+        {
+            commands.push(AppCommand::Export { overwrite: false });
+        }
+    }
+    for path in &state.export.written {
+        ui.weak(path.display().to_string());
+    }
+}

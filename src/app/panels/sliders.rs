@@ -1,0 +1,113 @@
+//! The Sliders panel: λ_xa, edit strength, CFG scale, steps, seed and working size, and the
+//! Run button. Moving λ_xa, strength or CFG after an edit re-runs only the edited pass.
+
+use crate::app::commands::AppCommand;
+use crate::app::state::AppState;
+
+/// Working sizes offered besides the model's default.
+const SIZES: [usize; 5] = [256, 384, 512, 640, 768];
+
+/// What the next run will reuse, in words.
+pub fn cache_hint(state: &AppState) -> String {
+    let Some(result) = &state.result else {
+        return "First run: inverts the photo, then runs the reference and edited passes.".into();
+    };
+    let r = &result.record;
+    let same_caption = r["caption"].as_str() == Some(state.caption.trim());
+    let same_steps = r["steps"].as_u64() == Some(state.persisted.sliders.steps as u64);
+    let same_seed = r["source"]["seed"].as_u64() == Some(state.persisted.sliders.seed);
+    if same_caption && same_steps && same_seed {
+        "Next run reuses the session cache: only the edited pass runs.".into()
+    } else {
+        "Caption, steps or seed changed: the next run inverts the photo again.".into()
+    }
+}
+
+/// Draws the panel.
+pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppCommand>) {
+    ui.heading("Edit");
+    let has_result = state.result.is_some();
+    let s = &mut state.persisted.sliders;
+    let mut rerun = false;
+    let mut scrub = |ui: &mut egui::Ui, response: egui::Response| {
+        // Re-run when a drag ends or a value is typed/clicked, not on every drag frame.
+        if response.drag_stopped() || (response.changed() && !response.dragged()) {
+            rerun = true;
+        }
+        let _ = ui;
+    };
+    egui::Grid::new("sliders").num_columns(2).show(ui, |ui| {
+        let label = ui.label("Guidance λ_xa");
+        let r = ui
+            .add(egui::Slider::new(&mut s.lambda_xa, 0.0..=0.5).step_by(0.005))
+            .labelled_by(label.id)
+            .on_hover_text("cross-attention guidance step: keeps the structure of the photo");
+        scrub(ui, r);
+        ui.end_row();
+        let label = ui.label("Edit strength");
+        let r = ui
+            .add(egui::Slider::new(&mut s.strength, 0.0..=2.0).step_by(0.05))
+            .labelled_by(label.id)
+            .on_hover_text("multiplier of the edit direction Δc");
+        scrub(ui, r);
+        ui.end_row();
+        let label = ui.label("CFG scale");
+        let r = ui
+            .add(egui::Slider::new(&mut s.guidance_scale, 1.0..=12.0).step_by(0.5))
+            .labelled_by(label.id);
+        scrub(ui, r);
+        ui.end_row();
+        let label = ui.label("Steps");
+        ui.add(egui::Slider::new(&mut s.steps, 2..=100))
+            .labelled_by(label.id)
+            .on_hover_text("DDIM steps; changing them inverts the photo again");
+        ui.end_row();
+        let label = ui.label("Seed");
+        ui.add(egui::DragValue::new(&mut s.seed))
+            .labelled_by(label.id);
+        ui.end_row();
+        let label = ui.label("Working size");
+        let size = &mut state.persisted.size;
+        let shown = |s: &Option<usize>| match s {
+            Some(side) => format!("{side} px"),
+            None => "model default".to_string(),
+        };
+        egui::ComboBox::from_id_salt("working size")
+            .selected_text(shown(size))
+            .show_ui(ui, |ui| {
+                ui.selectable_value(size, None, shown(&None));
+                for side in SIZES {
+                    ui.selectable_value(size, Some(side), shown(&Some(side)));
+                }
+            })
+            .response
+            .labelled_by(label.id);
+        ui.end_row();
+    });
+    ui.weak(cache_hint(state));
+    if rerun && has_result {
+        commands.push(AppCommand::Run);
+    }
+}
+
+/// The Run row, pinned under the controls so it is always in reach.
+pub fn run_row(ui: &mut egui::Ui, state: &AppState, commands: &mut Vec<AppCommand>) {
+    ui.horizontal(|ui| {
+        let run = egui::Button::new("Run edit").min_size(egui::vec2(120.0, 28.0));
+        let editing = state.job.as_ref().is_some_and(|j| j.kind == "edit");
+        if ui
+            .add_enabled(!state.busy() || editing, run)
+            .on_hover_text("Ctrl+Enter")
+            .clicked()
+        {
+            commands.push(AppCommand::Run);
+        }
+        if ui
+            .button("Before / after")
+            .on_hover_text("Ctrl+B")
+            .clicked()
+        {
+            commands.push(AppCommand::ToggleCompare);
+        }
+    });
+}

@@ -1,0 +1,122 @@
+//! `p2pz gui`: the desktop editor, with options for scripted starts (screenshots, demos).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use pix2pix_zero::app::heatmap::MapView;
+use pix2pix_zero::app::state::{CompareMode, ThemeChoice};
+use pix2pix_zero::app::{self, AppOptions};
+
+/// Arguments of `p2pz gui`.
+#[derive(Debug, Default, Args)]
+pub struct GuiArgs {
+    /// A photo to open.
+    image: Option<PathBuf>,
+    /// A model folder or repo id (default: the last one used, else CompVis/stable-diffusion-v1-4).
+    /// Only local folders and the Hugging Face cache are looked at; the Model panel offers the
+    /// download.
+    #[arg(long)]
+    model: Option<String>,
+    /// The BLIP captioner: a folder or a repo id.
+    #[arg(long)]
+    captioner: Option<String>,
+    /// Use this caption instead of BLIP's.
+    #[arg(long)]
+    caption: Option<String>,
+    /// The word in the photo.
+    #[arg(long = "from")]
+    from: Option<String>,
+    /// The word it should become.
+    #[arg(long = "to")]
+    to: Option<String>,
+    /// DDIM steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sentences per word for the edit direction (default 1000).
+    #[arg(long)]
+    sentences: Option<usize>,
+    /// Run the edit as soon as the photo, caption and model are ready.
+    #[arg(long)]
+    run: bool,
+    /// Show the overlay of this caption token (e.g. cat).
+    #[arg(long)]
+    overlay_token: Option<String>,
+    /// Which pass the overlay shows.
+    #[arg(long, value_enum)]
+    overlay_view: Option<ViewArg>,
+    /// What the canvas shows.
+    #[arg(long, value_enum)]
+    compare: Option<CompareArg>,
+    /// Light or dark theme.
+    #[arg(long, value_enum)]
+    theme: Option<ThemeArg>,
+    /// Save a screenshot of the window here once it settles (after the edit with --run), then
+    /// quit. Prints the UI frame time measured while the worker ran.
+    #[arg(long)]
+    screenshot: Option<PathBuf>,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    cpu: bool,
+}
+
+/// `--overlay-view`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ViewArg {
+    Reference,
+    Edited,
+    Difference,
+}
+
+/// `--compare`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CompareArg {
+    Edited,
+    Original,
+    Split,
+    Reconstruction,
+}
+
+/// `--theme`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ThemeArg {
+    Dark,
+    Light,
+}
+
+/// Runs `p2pz gui`.
+pub fn run(args: GuiArgs) -> Result<()> {
+    let mut worker = app::default_worker_config(args.cpu);
+    if let Some(captioner) = args.captioner {
+        worker.captioner = captioner;
+    }
+    if let Some(sentences) = args.sentences {
+        worker.sentences = sentences;
+    }
+    let mut options = AppOptions::new(worker);
+    options.image = args.image;
+    options.model = args.model;
+    options.caption = args.caption;
+    options.from = args.from;
+    options.to = args.to;
+    options.steps = args.steps;
+    options.run = args.run;
+    options.overlay_token = args.overlay_token;
+    options.overlay_view = args.overlay_view.map(|v| match v {
+        ViewArg::Reference => MapView::Reference,
+        ViewArg::Edited => MapView::Edited,
+        ViewArg::Difference => MapView::Difference,
+    });
+    options.compare = args.compare.map(|c| match c {
+        CompareArg::Edited => CompareMode::Edited,
+        CompareArg::Original => CompareMode::Original,
+        CompareArg::Split => CompareMode::Split(0.5),
+        CompareArg::Reconstruction => CompareMode::Reconstruction,
+    });
+    options.theme = args.theme.map(|t| match t {
+        ThemeArg::Dark => ThemeChoice::Dark,
+        ThemeArg::Light => ThemeChoice::Light,
+    });
+    options.screenshot = args.screenshot;
+    app::run(options)
+}
