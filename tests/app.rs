@@ -163,6 +163,15 @@ fn open_edit_scrub_pick_a_token_and_export() {
         .iter()
         .all(|s| s.grids.iter().all(|g| g.edited.is_some())));
     assert!(state.tokens_current(), "the caption's tokens arrived");
+    // Token i is key position i of the maps: BOS first, EOS last, one column each.
+    let tokens = &state.tokens.1;
+    assert_eq!(tokens.first().unwrap(), "<|startoftext|>");
+    assert_eq!(tokens.last().unwrap(), "<|endoftext|>");
+    assert_eq!(tokens[2], "cat</w>");
+    assert!(state.attention[0]
+        .grids
+        .iter()
+        .all(|g| g.tokens == tokens.len()));
 
     // Scrub λ_xa: the edit re-runs from the session cache, skipping inversion.
     // The slider and its number field share the label; the slider comes first.
@@ -199,6 +208,7 @@ fn open_edit_scrub_pick_a_token_and_export() {
     let before = app.view.heat_map(&app.state).expect("a heat map");
     let before_overlay = app.view.overlay_image(&app.state).unwrap();
     let second = format!("2: {}", token_label(&h.state().state.tokens.1[2]));
+    assert_eq!(second, "2: cat");
     click(&mut h, "Token");
     let option = h
         .query_all_by_label(&second)

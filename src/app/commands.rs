@@ -281,7 +281,8 @@ pub fn token_heat_maps(state: &super::state::AppState) -> Vec<(String, heatmap::
         .enumerate()
         .filter_map(|(i, label)| {
             let raw = heatmap::raw_map(step, i, o.view, o.resolution)?;
-            Some((label.clone(), heatmap::normalise(raw, o.view)))
+            let label = super::panels::attention::token_label(label);
+            Some((label, heatmap::normalise(raw, o.view)))
         })
         .collect()
 }

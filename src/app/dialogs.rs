@@ -31,7 +31,7 @@ pub struct DialogAnswer {
 }
 
 /// Answers faster than this are no person's: the dialog never appeared.
-const INSTANT_ANSWER: Duration = Duration::from_millis(500);
+const INSTANT_ANSWER: Duration = Duration::from_millis(1000);
 
 /// Runs dialogs on helper threads and collects their answers.
 #[derive(Debug)]

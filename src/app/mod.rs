@@ -44,6 +44,8 @@ pub struct AppOptions {
     pub to: Option<String>,
     /// DDIM steps.
     pub steps: Option<usize>,
+    /// Working long side (a multiple of 64).
+    pub size: Option<usize>,
     /// Run the edit as soon as the photo, caption and model are ready.
     pub run: bool,
     /// Pick this overlay token (by its text) once tokens arrive.
@@ -72,6 +74,7 @@ impl AppOptions {
             from: None,
             to: None,
             steps: None,
+            size: None,
             run: false,
             overlay_token: None,
             overlay_view: None,
@@ -166,6 +169,9 @@ impl P2pzApp {
         }
         if let Some(steps) = options.steps {
             p.sliders.steps = steps;
+        }
+        if let Some(size) = options.size {
+            p.size = Some(size);
         }
         if let Some(view) = options.overlay_view {
             p.overlay.view = view;
@@ -301,8 +307,8 @@ impl P2pzApp {
             && (!self.options.run
                 || self.state.result.is_some()
                 || self.state.notices.iter().any(|n| n.error));
+        // Worker events wake the UI; only the countdown below needs frames of its own.
         if !settled || self.script.screenshot_requested {
-            ctx.request_repaint();
             return;
         }
         if let Some(compare) = self.options.compare {

@@ -494,6 +494,8 @@ impl AppState {
                 self.attention.clear();
                 self.attention_revision += 1;
                 self.image_revision += 1;
+                // The old photo's caption would condition the new one's inversion.
+                self.caption.clear();
                 self.caption_note = None;
                 self.compare = CompareMode::Edited;
                 self.export.written.clear();

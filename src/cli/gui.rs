@@ -33,6 +33,9 @@ pub struct GuiArgs {
     /// DDIM steps.
     #[arg(long)]
     steps: Option<usize>,
+    /// Working long side, a multiple of 64 (default: the model's own size).
+    #[arg(long)]
+    size: Option<usize>,
     /// Sentences per word for the edit direction (default 1000).
     #[arg(long)]
     sentences: Option<usize>,
@@ -100,6 +103,7 @@ pub fn run(args: GuiArgs) -> Result<()> {
     options.from = args.from;
     options.to = args.to;
     options.steps = args.steps;
+    options.size = args.size;
     options.run = args.run;
     options.overlay_token = args.overlay_token;
     options.overlay_view = args.overlay_view.map(|v| match v {

@@ -193,8 +193,9 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
-    /// The token strings of a prompt, without special tokens (for the UI's token picker).
-    pub fn tokens(&self, prompt: &str) -> Result<Vec<String>> {
+    /// The token string at each key position a prompt fills: BOS, the prompt's tokens (truncated
+    /// as [`Self::encode`] truncates them), EOS. Index `i` is key `i` of the cross-attention maps.
+    pub fn positions(&self, prompt: &str) -> Result<Vec<String>> {
         let encoding = self
             .inner
             .encode(prompt, false)
@@ -202,7 +203,18 @@ impl ClipTokenizer {
                 path: PathBuf::from("tokenizer"),
                 message: e.to_string(),
             })?;
-        Ok(encoding.get_tokens().to_vec())
+        let token = |id: u32| {
+            self.inner
+                .id_to_token(id)
+                .unwrap_or_else(|| format!("#{id}"))
+        };
+        let content = encoding.get_tokens();
+        let keep = content.len().min(self.max_len - 2);
+        let mut out = Vec::with_capacity(keep + 2);
+        out.push(token(self.bos));
+        out.extend_from_slice(&content[..keep]);
+        out.push(token(self.eos));
+        Ok(out)
     }
 
     /// Serialises the tokenizer as a `tokenizer.json` file.

@@ -135,11 +135,24 @@ impl State {
         outbox: &Outbox,
         slot: &Arc<Mutex<Arc<AtomicBool>>>,
     ) {
+        self.guarded(outbox, slot, |state, cancel| {
+            state.handle(command, outbox, cancel)
+        });
+    }
+
+    /// Runs `job` with a fresh cancel flag in `slot`; its error or panic becomes an event, and
+    /// `Idle` follows in every case.
+    fn guarded(
+        &mut self,
+        outbox: &Outbox,
+        slot: &Arc<Mutex<Arc<AtomicBool>>>,
+        job: impl FnOnce(&mut Self, &AtomicBool) -> Result<()>,
+    ) {
         let cancel = Arc::new(AtomicBool::new(false));
         if let Ok(mut current) = slot.lock() {
             *current = cancel.clone();
         }
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(command, outbox, &cancel)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| job(self, &cancel)));
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(error)) => match error.downcast_ref::<EngineError>() {
@@ -299,7 +312,7 @@ impl State {
 
     fn tokenize(&self, caption: &str, outbox: &Outbox) -> Result<()> {
         if let Some(model) = &self.model {
-            let tokens = model.text.tokenizer.tokens(caption)?;
+            let tokens = model.text.tokenizer.positions(caption)?;
             outbox.send(Event::Tokens {
                 caption: caption.to_string(),
                 tokens,
@@ -411,7 +424,7 @@ impl State {
         let model = self.model.as_ref().expect("checked");
         let photo = self.photo.as_ref().expect("checked by ensure_session");
         let session = self.session.as_mut().expect("ensured");
-        let tokens = model.text.tokenizer.tokens(&request.caption)?.len();
+        let tokens = model.text.tokenizer.positions(&request.caption)?.len();
         let mut observer = StepEvents {
             model,
             outbox,
@@ -642,4 +655,65 @@ fn file_safe(label: &str) -> String {
         .map(|c| if c.is_alphanumeric() { c } else { '_' })
         .collect();
     cleaned.trim_matches('_').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> WorkerConfig {
+        WorkerConfig {
+            captioner: "none".into(),
+            embedding_cache: std::env::temp_dir(),
+            sentences: 4,
+            resolve: source::ResolveOptions::from_env(),
+            cpu: true,
+            preview_every: 0,
+        }
+    }
+
+    #[test]
+    fn a_panicking_job_becomes_an_error_event_and_the_state_survives() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outbox = Outbox::new(tx, Box::new(|| {}));
+        let slot = Arc::new(Mutex::new(Arc::new(AtomicBool::new(false))));
+        let mut state = State::new(config());
+        state.guarded(&outbox, &slot, |_, _| panic!("boom"));
+        let events: Vec<Event> = rx.try_iter().collect();
+        assert!(
+            matches!(&events[0], Event::Error { message } if message.contains("boom")),
+            "{events:?}"
+        );
+        assert!(matches!(events[1], Event::Idle));
+        // The next command runs normally and reports its own error.
+        state.handle_safely(
+            Command::Caption {
+                allow_download: false,
+            },
+            &outbox,
+            &slot,
+        );
+        let events: Vec<Event> = rx.try_iter().collect();
+        assert!(
+            matches!(&events[0], Event::Error { message } if message.contains("open a photo")),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_cancelled_job_reports_cancelled_not_an_error() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outbox = Outbox::new(tx, Box::new(|| {}));
+        let slot = Arc::new(Mutex::new(Arc::new(AtomicBool::new(false))));
+        let mut state = State::new(config());
+        state.guarded(&outbox, &slot, |_, _| Err(EngineError::Cancelled.into()));
+        let events: Vec<Event> = rx.try_iter().collect();
+        assert!(matches!(events[0], Event::Cancelled { .. }), "{events:?}");
+    }
+
+    #[test]
+    fn file_safe_names_keep_letters_only() {
+        assert_eq!(file_safe("<|startoftext|>"), "startoftext");
+        assert_eq!(file_safe("cat</w>"), "cat__w");
+    }
 }

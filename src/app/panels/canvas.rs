@@ -157,7 +157,8 @@ impl CanvasView {
             return;
         };
         let image_size = egui::vec2(base.width() as f32, base.height() as f32);
-        let available = ui.available_size();
+        // Room under the image for the colour legend.
+        let available = ui.available_size() - egui::vec2(0.0, 24.0);
         let scale = if self.actual_size {
             1.0 / ui.ctx().pixels_per_point()
         } else {
@@ -182,6 +183,9 @@ impl CanvasView {
         } else {
             None
         };
+        if let Some(map) = &map {
+            self.legend(ui, state, rect, map);
+        }
         match map {
             Some(map) if self.gpu_overlay => {
                 let lut = self.lut(state);
@@ -228,7 +232,39 @@ impl CanvasView {
         if response.double_clicked() {
             self.actual_size = !self.actual_size;
         }
-        response.on_hover_text("Double-click: fit to window / actual size");
+    }
+
+    /// A colour strip under the image with the raw probabilities its ends stand for.
+    fn legend(&mut self, ui: &egui::Ui, state: &AppState, image: egui::Rect, map: &HeatMap) {
+        let lut = self.lut(state);
+        let width = image.width().clamp(120.0, 260.0);
+        let strip = egui::Rect::from_min_size(
+            egui::pos2(image.left(), image.bottom() + 6.0),
+            egui::vec2(width, 10.0),
+        );
+        let painter = ui.painter();
+        let segments = 64;
+        for i in 0..segments {
+            let t = (i as f32 + 0.5) / segments as f32;
+            let [r, g, b] = heatmap::lut_colour(&lut, t).map(|c| (c * 255.0).round() as u8);
+            let x0 = strip.left() + strip.width() * i as f32 / segments as f32;
+            let x1 = strip.left() + strip.width() * (i + 1) as f32 / segments as f32;
+            let cell = egui::Rect::from_x_y_ranges(x0..=x1, strip.y_range());
+            painter.rect_filled(cell, 0.0, egui::Color32::from_rgb(r, g, b));
+        }
+        let text = format!(
+            "{} attention: {:.3} to {:.3}",
+            state.persisted.overlay.view.label(),
+            map.low,
+            map.high
+        );
+        painter.text(
+            egui::pos2(strip.right() + 8.0, strip.center().y),
+            egui::Align2::LEFT_CENTER,
+            text,
+            egui::FontId::proportional(12.0),
+            ui.visuals().text_color(),
+        );
     }
 
     fn show_split(
