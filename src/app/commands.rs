@@ -84,12 +84,18 @@ pub fn shortcuts() -> Vec<(egui::KeyboardShortcut, AppCommand, &'static str)> {
 }
 
 impl P2pzApp {
+    /// Sends a command to the worker and counts it until its `Idle` comes back.
+    pub(super) fn send(&mut self, command: Command) {
+        self.state.in_flight += 1;
+        self.worker.send(command);
+    }
+
     /// Carries out one intent.
     pub fn execute(&mut self, command: AppCommand, ctx: &egui::Context) {
-        let state = &mut self.state;
         match command {
             AppCommand::PickImage => {
-                let dir = state
+                let dir = self
+                    .state
                     .photo
                     .as_ref()
                     .and_then(|p| p.path.parent().map(PathBuf::from));
@@ -97,7 +103,7 @@ impl P2pzApp {
             }
             AppCommand::OpenPath(path) => {
                 if !path.is_file() {
-                    state.notify(
+                    self.state.notify(
                         true,
                         format!(
                             "`{}` is not a file: type the path of a PNG, JPEG or WebP photo",
@@ -106,49 +112,50 @@ impl P2pzApp {
                     );
                     return;
                 }
-                state.job = Some(JobState::new("open"));
-                self.worker.send(Command::Open {
+                self.state.job = Some(JobState::new("open"));
+                self.send(Command::Open {
                     path,
-                    size: state.persisted.size,
+                    size: self.state.persisted.size,
                 });
             }
             AppCommand::PickModelFolder => self.dialogs.open(DialogPurpose::ModelFolder, None, ctx),
             AppCommand::LoadModel { allow_download } => {
-                let spec = state.persisted.model_spec.trim().to_string();
+                let spec = self.state.persisted.model_spec.trim().to_string();
                 if spec.is_empty() {
-                    state.notify(true, "the Model field is empty: type a folder or a repo id");
+                    self.state
+                        .notify(true, "the Model field is empty: type a folder or a repo id");
                     return;
                 }
-                state.job = Some(JobState::new("model"));
-                self.worker.send(Command::LoadModel {
+                self.state.job = Some(JobState::new("model"));
+                self.send(Command::LoadModel {
                     spec,
                     allow_download,
                 });
             }
             AppCommand::Caption { allow_download } => {
-                if state.photo.is_none() {
-                    state.notify(true, "open a photo first");
+                if self.state.photo.is_none() {
+                    self.state.notify(true, "open a photo first");
                     return;
                 }
-                state.job = Some(JobState::new("caption"));
-                self.worker.send(Command::Caption { allow_download });
+                self.state.job = Some(JobState::new("caption"));
+                self.send(Command::Caption { allow_download });
             }
             AppCommand::SwapWords => {
-                let p = &mut state.persisted;
+                let p = &mut self.state.persisted;
                 std::mem::swap(&mut p.from, &mut p.to);
             }
             AppCommand::Run => {
-                if let Some(problem) = run_blocker(state) {
-                    state.notify(true, problem);
+                if let Some(problem) = run_blocker(&self.state) {
+                    self.state.notify(true, problem);
                     return;
                 }
-                if state.busy() {
+                if self.state.busy() {
                     // A slider moved during an edit: stop it and run the newest settings.
                     self.worker.cancel();
                 }
-                let p = &state.persisted;
+                let p = &self.state.persisted;
                 let request = EditRequest {
-                    caption: state.caption.trim().to_string(),
+                    caption: self.state.caption.trim().to_string(),
                     from: p.from.trim().to_string(),
                     to: p.to.trim().to_string(),
                     steps: p.sliders.steps,
@@ -162,19 +169,19 @@ impl P2pzApp {
                         strength: p.sliders.strength,
                     },
                 };
-                state.job = Some(JobState::new("edit"));
-                state.compare = CompareMode::Edited;
-                state.rerun_pending = false;
-                self.worker.send(Command::Edit(request));
+                self.state.job = Some(JobState::new("edit"));
+                self.state.compare = CompareMode::Edited;
+                self.send(Command::Edit(request));
             }
             AppCommand::Cancel => {
-                if let Some(job) = &mut state.job {
+                if let Some(job) = &mut self.state.job {
                     job.cancelling = true;
                     self.worker.cancel();
                 }
             }
             AppCommand::PickExportPath => {
-                let dir = state
+                let dir = self
+                    .state
                     .photo
                     .as_ref()
                     .and_then(|p| p.path.parent().map(PathBuf::from));
@@ -182,32 +189,33 @@ impl P2pzApp {
             }
             AppCommand::Export { overwrite } => self.export(overwrite),
             AppCommand::ToggleCompare => {
-                state.compare = match state.compare {
+                self.state.compare = match self.state.compare {
                     CompareMode::Original => CompareMode::Edited,
                     _ => CompareMode::Original,
                 };
             }
             AppCommand::SetTheme(theme) => {
-                state.persisted.theme = theme;
+                self.state.persisted.theme = theme;
                 super::apply_theme(ctx, theme);
             }
         }
     }
 
     fn export(&mut self, overwrite: bool) {
-        let state = &mut self.state;
-        if state.result.is_none() {
-            state.notify(true, "nothing to export yet: run an edit first");
+        if self.state.result.is_none() {
+            self.state
+                .notify(true, "nothing to export yet: run an edit first");
             return;
         }
-        let path = PathBuf::from(state.export.path.trim());
+        let path = PathBuf::from(self.state.export.path.trim());
         if path.as_os_str().is_empty() {
-            state.notify(true, "the Export path is empty: type a file name");
+            self.state
+                .notify(true, "the Export path is empty: type a file name");
             return;
         }
-        if let Some(photo) = &state.photo {
+        if let Some(photo) = &self.state.photo {
             if same_file(&path, &photo.path) {
-                state.notify(
+                self.state.notify(
                     true,
                     "the export path is the photo being edited: choose another name, the source \
                      is never overwritten",
@@ -216,23 +224,23 @@ impl P2pzApp {
             }
         }
         if path.exists() && !overwrite {
-            state.export.confirm_overwrite = true;
+            self.state.export.confirm_overwrite = true;
             return;
         }
-        let format = format_for(&path).unwrap_or(state.persisted.export_format);
-        let overlay = state
-            .export
-            .overlay
-            .then(|| self.view.overlay_image(state))
-            .flatten();
-        let maps = if state.export.maps {
-            self.view.token_maps(state)
+        let format = format_for(&path).unwrap_or(self.state.persisted.export_format);
+        let overlay = if self.state.export.overlay {
+            self.view.overlay_image(&self.state)
+        } else {
+            None
+        };
+        let maps = if self.state.export.maps {
+            self.view.token_maps(&self.state)
         } else {
             vec![]
         };
-        state.export.confirm_overwrite = false;
-        state.job = Some(JobState::new("export"));
-        self.worker.send(Command::Export(ExportRequest {
+        self.state.export.confirm_overwrite = false;
+        self.state.job = Some(JobState::new("export"));
+        self.send(Command::Export(ExportRequest {
             path,
             format,
             overwrite,

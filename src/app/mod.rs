@@ -232,7 +232,7 @@ impl P2pzApp {
                 }
             }
             if idle && !self.state.tokens_current() && !self.state.caption.trim().is_empty() {
-                self.worker.send(crate::worker::Command::Tokenize {
+                self.send(crate::worker::Command::Tokenize {
                     caption: self.state.caption.clone(),
                 });
             }

@@ -353,10 +353,10 @@ pub struct AppState {
     pub notices: Vec<Notice>,
     /// UI frame times.
     pub frames: FrameStats,
-    /// Whether an edit should run again once the current one stops (a slider moved).
-    pub rerun_pending: bool,
     /// Whether the native file dialog failed to appear (then only the path field works).
     pub dialog_unavailable: bool,
+    /// Commands sent to the worker whose `Idle` has not come back.
+    pub in_flight: usize,
 }
 
 impl AppState {
@@ -388,8 +388,8 @@ impl AppState {
             },
             notices: vec![],
             frames: FrameStats::default(),
-            rerun_pending: false,
             dialog_unavailable: false,
+            in_flight: 0,
         }
     }
 
@@ -582,8 +582,12 @@ impl AppState {
                 self.notify(true, message);
             }
             Event::Idle => {
-                self.job = None;
-                self.download = None;
+                // A cancelled edit's Idle must not end the edit queued behind it.
+                self.in_flight = self.in_flight.saturating_sub(1);
+                if self.in_flight == 0 {
+                    self.job = None;
+                    self.download = None;
+                }
             }
         }
     }
@@ -603,9 +607,10 @@ mod tests {
     }
 
     #[test]
-    fn progress_resets_the_stage_clock_and_idle_ends_the_job() {
+    fn progress_resets_the_stage_clock_and_the_last_idle_ends_the_job() {
         let mut state = AppState::new(Persisted::default());
         state.job = Some(JobState::new("edit"));
+        state.in_flight = 2;
         state.apply(Event::Progress {
             stage: "invert".into(),
             step: 2,
@@ -615,6 +620,9 @@ mod tests {
         let job = state.job.as_ref().unwrap();
         assert_eq!((job.stage.as_str(), job.step, job.total), ("invert", 2, 4));
         assert!(job.time_left().is_some());
+        // Two commands in flight: the first Idle leaves the second running.
+        state.apply(Event::Idle);
+        assert!(state.busy());
         state.apply(Event::Idle);
         assert!(!state.busy());
     }
