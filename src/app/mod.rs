@@ -381,7 +381,7 @@ impl P2pzApp {
     }
 
     /// Frame-time summary of the frames drawn while the worker was busy, for reports.
-    pub fn busy_frame_summary(&self) -> Option<(f32, f32, f32, usize)> {
+    pub fn busy_frame_summary(&self) -> FrameSummary {
         let busy = &self.state.frames.busy;
         state::FrameStats::summary(busy).map(|(mean, p95, max)| (mean, p95, max, busy.len()))
     }
@@ -509,10 +509,13 @@ pub fn run(options: AppOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `(mean, p95, max, frames)` of the frames drawn while the worker was busy, in milliseconds.
+type FrameSummary = Option<(f32, f32, f32, usize)>;
+
 /// Keeps the frame-time summary when eframe drops the app.
 struct ReportOnDrop {
     app: P2pzApp,
-    summary: Arc<std::sync::Mutex<Option<(f32, f32, f32, usize)>>>,
+    summary: Arc<std::sync::Mutex<FrameSummary>>,
 }
 
 impl eframe::App for ReportOnDrop {

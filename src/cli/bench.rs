@@ -173,8 +173,12 @@ fn worker(case: &str, size: usize, repeats: usize) -> Result<Measurement> {
         let image = (rng.randn((1, 3, size, size), DType::F32, &dev)? * 0.5)?;
         let z = rng.randn((1, 4, latent, latent), DType::F32, &dev)?;
         let seconds = match case {
-            "vae_encode" => time(repeats, || Ok(drop(vae.encode(&image, LatentDraw::Mean)?)))?,
-            "vae_decode" => time(repeats, || Ok(drop(vae.decode(&z)?)))?,
+            "vae_encode" => time(repeats, || {
+                vae.encode(&image, LatentDraw::Mean)
+                    .map(drop)
+                    .map_err(Into::into)
+            })?,
+            "vae_decode" => time(repeats, || vae.decode(&z).map(drop).map_err(Into::into))?,
             other => bail!("unknown case {other}"),
         };
         (build_s, seconds)
@@ -186,9 +190,11 @@ fn worker(case: &str, size: usize, repeats: usize) -> Result<Measurement> {
         let context = rng.randn((batch, 77, 768), DType::F32, &dev)?;
         let t = 500.0;
         let seconds = match case {
-            "unet_fwd_b1" | "unet_fwd_b2" => {
-                time(repeats, || Ok(drop(unet.forward(&x, t, &context, None)?)))?
-            }
+            "unet_fwd_b1" | "unet_fwd_b2" => time(repeats, || {
+                unet.forward(&x, t, &context, None)
+                    .map(drop)
+                    .map_err(Into::into)
+            })?,
             "unet_fwdbwd_b1" | "unet_fwdbwd_b2" => time(repeats, || {
                 // The loss diffusers' benchmark uses: mean(out²), gradient w.r.t. the latent only.
                 let leaf = Var::from_tensor(&x)?;

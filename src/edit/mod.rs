@@ -70,6 +70,7 @@ pub struct EditorProgress {
 }
 
 /// Inverts a photo (`(1, 3, h, w)` in `[-1, 1]`) under `caption` into a new session.
+#[allow(clippy::too_many_arguments)]
 pub fn photo_session(
     model: &StableDiffusion,
     image: &Tensor,
