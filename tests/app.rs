@@ -445,3 +445,38 @@ fn wgsl_overlay_matches_the_cpu_blend() {
     app.state.persisted.overlay.opacity = 0.9;
     compare(&mut h, "overlay_difference_viridis");
 }
+
+#[test]
+fn an_imported_direction_file_drives_the_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = photo_in(dir.path());
+    let model = fixtures().join("tiny-sd").display().to_string();
+    let mut h = harness(dir.path(), &model, false);
+    open_and_describe(&mut h, &photo);
+
+    // A path that does not exist is named in the message, and nothing runs.
+    let missing = dir.path().join("no-such-direction.pt");
+    h.get_by_label("Direction file (optional, .safetensors or the authors' .pt)")
+        .set_text_value_accesskit(&missing.display().to_string());
+    h.step();
+    click(&mut h, "Run edit");
+    let notice = h.state().state.notices.last().unwrap().clone();
+    assert!(
+        notice.error && notice.text.contains("no-such-direction.pt"),
+        "{notice:?}"
+    );
+    assert!(!h.state().state.busy());
+
+    // The authors' .pt format, made for the tiny model's text width.
+    let file = fixtures().join("reference/direction-f32.pt");
+    h.get_by_label("Direction file (optional, .safetensors or the authors' .pt)")
+        .set_text_value_accesskit(&file.display().to_string());
+    h.step();
+    click(&mut h, "Run edit");
+    wait(&mut h, "the edit along the file", idle_with_result);
+    let record = result(&h).record;
+    assert_eq!(record["direction"].as_str(), Some(file.to_str().unwrap()));
+    assert_eq!(h.state().state.persisted.recent_directions, vec![file]);
+    // No sentences were embedded for the words: the file replaced them.
+    assert!(!dir.path().join("embeddings").exists());
+}

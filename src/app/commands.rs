@@ -153,6 +153,25 @@ impl P2pzApp {
                     // A slider moved during an edit: stop it and run the newest settings.
                     self.worker.cancel();
                 }
+                let file = self.state.persisted.direction_file.trim().to_string();
+                let direction = (!file.is_empty()).then(|| PathBuf::from(file));
+                if let Some(path) = &direction {
+                    if !path.is_file() {
+                        self.state.notify(
+                            true,
+                            format!(
+                                "the direction file `{}` does not exist: fix the path, or clear \
+                                 the field to edit along the words",
+                                path.display()
+                            ),
+                        );
+                        return;
+                    }
+                    let recent = &mut self.state.persisted.recent_directions;
+                    recent.retain(|p| p != path);
+                    recent.insert(0, path.clone());
+                    recent.truncate(super::state::RECENT_FILES);
+                }
                 let p = &self.state.persisted;
                 let request = EditRequest {
                     caption: self.state.caption.trim().to_string(),
@@ -168,6 +187,7 @@ impl P2pzApp {
                         },
                         strength: p.sliders.strength,
                     },
+                    direction,
                 };
                 self.state.job = Some(JobState::new("edit"));
                 self.state.compare = CompareMode::Edited;
@@ -261,7 +281,8 @@ fn run_blocker(state: &super::state::AppState) -> Option<&'static str> {
     if state.caption.trim().is_empty() {
         return Some("the caption is empty: describe the photo in a few words");
     }
-    if state.persisted.from.trim().is_empty() || state.persisted.to.trim().is_empty() {
+    let words = !state.persisted.from.trim().is_empty() && !state.persisted.to.trim().is_empty();
+    if !words && state.persisted.direction_file.trim().is_empty() {
         return Some("type the word in the photo and the word it should become");
     }
     None

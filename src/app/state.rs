@@ -108,6 +108,10 @@ pub struct Persisted {
     pub from: String,
     /// Last target word.
     pub to: String,
+    /// A direction file to edit along instead of the words (empty: use the words).
+    pub direction_file: String,
+    /// Direction files used before, most recent first.
+    pub recent_directions: Vec<PathBuf>,
     /// Slider values.
     pub sliders: Sliders,
     /// Working long side (`None`: the model's default).
@@ -127,6 +131,8 @@ impl Default for Persisted {
             recent: vec![],
             from: "cat".into(),
             to: "dog".into(),
+            direction_file: String::new(),
+            recent_directions: vec![],
             sliders: Sliders::default(),
             size: None,
             overlay: OverlaySettings::default(),

@@ -417,8 +417,10 @@ impl State {
         if request.caption.trim().is_empty() {
             bail!("the caption is empty: describe the photo (it conditions the inversion)");
         }
-        self.model()?;
-        let delta = self.direction(request, outbox)?;
+        let delta = match &request.direction {
+            Some(path) => direction::load_direction(path, self.model()?)?,
+            None => self.direction(request, outbox)?,
+        };
         let inverted = self.ensure_session(request, outbox, cancel)?;
         self.tokenize(&request.caption, outbox)?;
         let model = self.model.as_ref().expect("checked");
@@ -456,6 +458,7 @@ impl State {
             "image": photo.path,
             "from": request.from,
             "to": request.to,
+            "direction": request.direction,
             "caption": session.header.caption,
             "steps": session.header.steps,
             "source": session.header.source,

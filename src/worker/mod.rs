@@ -93,6 +93,9 @@ pub struct EditRequest {
     pub size: Option<usize>,
     /// λ_xa, CFG scale and edit strength.
     pub settings: EditSettings,
+    /// A direction file (`.safetensors`, or the authors' `.pt`) to edit along instead of the
+    /// one the words give.
+    pub direction: Option<PathBuf>,
 }
 
 /// Image formats an export can take.

@@ -91,6 +91,38 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
             }
         });
     }
+    ui.add_space(4.0);
+    let label = ui.label("Direction file (optional, .safetensors or the authors' .pt)");
+    let field = egui::TextEdit::singleline(&mut state.persisted.direction_file)
+        .hint_text("empty: the words give the direction")
+        .desired_width(ui.available_width());
+    ui.add(field).labelled_by(label.id);
+    if !state.persisted.direction_file.trim().is_empty() {
+        ui.horizontal_wrapped(|ui| {
+            ui.weak("The edit follows this file; the words only label it.");
+            if ui.small_button("Use the words").clicked() {
+                state.persisted.direction_file.clear();
+            }
+        });
+    }
+    if !state.persisted.recent_directions.is_empty() {
+        ui.horizontal_wrapped(|ui| {
+            ui.weak("Imported:");
+            for path in state.persisted.recent_directions.clone() {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                if ui
+                    .small_button(name)
+                    .on_hover_text(path.display().to_string())
+                    .clicked()
+                {
+                    state.persisted.direction_file = path.display().to_string();
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]
