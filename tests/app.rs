@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use pix2pix_zero::app::panels::attention::token_label;
-use pix2pix_zero::app::state::{ModelStatus, ResultState};
+use pix2pix_zero::app::state::{ModelStatus, Notice, ResultState};
 use pix2pix_zero::app::{AppOptions, P2pzApp};
 use pix2pix_zero::engine::source::ResolveOptions;
 use pix2pix_zero::worker::WorkerConfig;
@@ -124,6 +124,23 @@ fn open_and_describe(h: &mut Harness<'static, P2pzApp>, photo: &Path) {
     );
 }
 
+/// The newest message in the status bar.
+fn last_notice(h: &Harness<'static, P2pzApp>) -> Notice {
+    h.state().state.notices.last().expect("a message").clone()
+}
+
+/// The message and downloadability of a missing model.
+fn missing(h: &Harness<'static, P2pzApp>) -> (String, bool) {
+    match &h.state().state.model {
+        ModelStatus::Missing {
+            message,
+            downloadable,
+            ..
+        } => (message.clone(), *downloadable),
+        other => panic!("the model is not missing: {other:?}"),
+    }
+}
+
 fn result(h: &Harness<'static, P2pzApp>) -> ResultState {
     h.state().state.result.clone().expect("a result")
 }
@@ -200,7 +217,7 @@ fn open_edit_scrub_pick_a_token_and_export() {
         second.image.as_raw(),
         "λ_xa changes the edit"
     );
-    let notice = &h.state().state.notices.last().unwrap().text;
+    let notice = last_notice(&h).text;
     assert!(notice.contains("session cache"), "{notice}");
 
     // Pick another caption token: the overlay's heat map changes.
@@ -275,7 +292,7 @@ fn open_edit_scrub_pick_a_token_and_export() {
     h.step();
     click(&mut h, "Export");
     h.step();
-    let notice = h.state().state.notices.last().unwrap().clone();
+    let notice = last_notice(&h);
     assert!(
         notice.error && notice.text.contains("never overwritten"),
         "{notice:?}"
@@ -321,14 +338,7 @@ fn missing_weights_say_where_we_looked_and_offer_the_download() {
     wait(&mut h, "the model lookup", |app| {
         matches!(app.state.model, ModelStatus::Missing { .. }) && !app.state.busy()
     });
-    let ModelStatus::Missing {
-        message,
-        downloadable,
-        ..
-    } = h.state().state.model.clone()
-    else {
-        unreachable!()
-    };
+    let (message, downloadable) = missing(&h);
     assert!(downloadable);
     assert!(
         message.contains(&dir.path().join("hub").display().to_string()),
@@ -337,7 +347,7 @@ fn missing_weights_say_where_we_looked_and_offer_the_download() {
     h.get_by_label("Download someone/not-a-cached-model");
     click(&mut h, "Run edit");
     h.step();
-    let notice = h.state().state.notices.last().unwrap().clone();
+    let notice = last_notice(&h);
     assert!(
         notice.error && notice.text.contains("no model is loaded"),
         "{notice:?}"
@@ -354,14 +364,7 @@ fn missing_weights_say_where_we_looked_and_offer_the_download() {
         matches!(&app.state.model, ModelStatus::Missing { spec, .. } if spec.contains("empty-model"))
             && !app.state.busy()
     });
-    let ModelStatus::Missing {
-        message,
-        downloadable,
-        ..
-    } = h.state().state.model.clone()
-    else {
-        unreachable!()
-    };
+    let (message, downloadable) = missing(&h);
     assert!(!downloadable);
     assert!(message.contains("empty-model"), "{message}");
 }
@@ -460,7 +463,7 @@ fn an_imported_direction_file_drives_the_edit() {
         .set_text_value_accesskit(&missing.display().to_string());
     h.step();
     click(&mut h, "Run edit");
-    let notice = h.state().state.notices.last().unwrap().clone();
+    let notice = last_notice(&h);
     assert!(
         notice.error && notice.text.contains("no-such-direction.pt"),
         "{notice:?}"

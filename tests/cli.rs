@@ -4,6 +4,13 @@ mod common;
 
 use std::process::Command;
 
+/// Asserts that a command succeeded, showing its stderr otherwise, and returns the stderr.
+fn succeeded(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
 fn p2pz() -> Command {
     Command::new(env!("CARGO_BIN_EXE_p2pz"))
 }
@@ -16,11 +23,7 @@ fn info_lists_components_and_the_sixteen_cross_attention_layers() {
         .args(["--size", "128"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("16 self, 16 cross"), "{text}");
     assert!(
@@ -57,11 +60,7 @@ fn generate_writes_a_png_that_records_its_parameters_and_is_reproducible() {
             .arg(&path)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(&out);
         path
     };
     let (a, b) = (run("a.png"), run("b.png"));
@@ -174,11 +173,7 @@ fn edit_writes_the_result_at_the_photo_size_and_a_re_edit_reuses_the_session() {
         .arg(dir.path().join("recon.png"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     for name in ["edited.png", "recon.png"] {
         let image = image::open(dir.path().join(name)).unwrap();
         assert_eq!(
@@ -201,12 +196,7 @@ fn edit_writes_the_result_at_the_photo_size_and_a_re_edit_reuses_the_session() {
         .arg(dir.path().join("edited2.png"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = succeeded(&out);
     assert!(
         err.contains("inversion skipped") && err.contains("from the session cache"),
         "{err}"
@@ -320,11 +310,7 @@ fn caption_prints_blips_caption_and_edit_uses_it_when_none_is_given() {
         .arg(&blip)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let caption = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(
         !caption.is_empty() && !caption.starts_with("a picture of"),
@@ -343,12 +329,7 @@ fn caption_prints_blips_caption_and_edit_uses_it_when_none_is_given() {
         .arg(dir.path().join("s.safetensors"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = succeeded(&out);
     assert!(err.contains(&format!("caption: \"{caption}\"")), "{err}");
 
     let out = p2pz()

@@ -2,10 +2,8 @@
 //! shortcuts only push commands; this is where they turn into worker commands and state changes.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use super::dialogs::DialogPurpose;
-use super::heatmap;
 use super::state::{CompareMode, JobState, ThemeChoice};
 use super::P2pzApp;
 use crate::edit::guidance::GuidanceParams;
@@ -295,28 +293,4 @@ fn format_for(path: &std::path::Path) -> Option<crate::worker::ExportFormat> {
     ExportFormat::ALL
         .into_iter()
         .find(|f| f.extension() == ext || (ext == "jpeg" && *f == ExportFormat::Jpeg))
-}
-
-/// The heat maps of every caption token at the overlay's step and view, working size.
-pub fn token_heat_maps(state: &super::state::AppState) -> Vec<(String, heatmap::HeatMap)> {
-    let Some(step) = state.overlay_step() else {
-        return vec![];
-    };
-    let o = &state.persisted.overlay;
-    state
-        .tokens
-        .1
-        .iter()
-        .enumerate()
-        .filter_map(|(i, label)| {
-            let raw = heatmap::raw_map(step, i, o.view, o.resolution)?;
-            let label = super::panels::attention::token_label(label);
-            Some((label, heatmap::normalise(raw, o.view)))
-        })
-        .collect()
-}
-
-/// Keeps `Arc` identity as a cheap revision for textures.
-pub fn revision_of<T>(value: &Arc<T>) -> u64 {
-    Arc::as_ptr(value) as usize as u64
 }

@@ -91,7 +91,7 @@ impl AppOptions {
 pub fn default_worker_config(cpu: bool) -> WorkerConfig {
     WorkerConfig {
         captioner: crate::edit::caption::DEFAULT_CAPTIONER.to_string(),
-        embedding_cache: default_embedding_dir(),
+        embedding_cache: EmbeddingCache::default_location().dir().to_path_buf(),
         sentences: crate::edit::sentences::DEFAULT_SENTENCES,
         resolve: crate::engine::source::ResolveOptions::from_env(),
         cpu,
@@ -99,13 +99,9 @@ pub fn default_worker_config(cpu: bool) -> WorkerConfig {
     }
 }
 
-fn default_embedding_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("pix2pix-zero").join("embeddings")
+/// Words whose mean embedding the worker's cache holds, offered as targets.
+fn known_words(worker: &WorkerConfig) -> Vec<String> {
+    EmbeddingCache::new(worker.embedding_cache.clone()).cached_words()
 }
 
 /// Where the scripted start (`--run`, `--screenshot`) stands.
@@ -223,8 +219,7 @@ impl P2pzApp {
             let idle = matches!(event, crate::worker::Event::Idle);
             self.state.apply(event);
             if edited {
-                self.state.known_words =
-                    EmbeddingCache::new(self.options.worker.embedding_cache.clone()).cached_words();
+                self.state.known_words = known_words(&self.options.worker);
             }
             if captioned {
                 if let Some(caption) = &self.options.caption {
@@ -380,8 +375,9 @@ impl P2pzApp {
         });
     }
 
-    /// Frame-time summary of the frames drawn while the worker was busy, for reports.
-    pub fn busy_frame_summary(&self) -> FrameSummary {
+    /// `(mean, p95, max)` milliseconds and the count of the frames drawn while the worker was
+    /// busy, for reports.
+    pub fn busy_frame_summary(&self) -> Option<(f32, f32, f32, usize)> {
         let busy = &self.state.frames.busy;
         state::FrameStats::summary(busy).map(|(mean, p95, max)| (mean, p95, max, busy.len()))
     }
@@ -469,7 +465,6 @@ impl eframe::App for P2pzApp {
 
 /// Opens the editor window and blocks until it closes.
 pub fn run(options: AppOptions) -> anyhow::Result<()> {
-    let report_frames = options.screenshot.is_some();
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title(APP_NAME)
@@ -480,58 +475,29 @@ pub fn run(options: AppOptions) -> anyhow::Result<()> {
         persist_window: options.persist,
         ..Default::default()
     };
-    let summary = Arc::new(std::sync::Mutex::new(None));
-    let summary_out = summary.clone();
-    let result = eframe::run_native(
+    eframe::run_native(
         APP_NAME,
         native,
-        Box::new(move |cc| {
-            let app = P2pzApp::new(cc, options);
-            Ok(Box::new(ReportOnDrop {
-                app,
-                summary: summary_out,
-            }))
-        }),
-    );
-    if let Err(error) = result {
-        anyhow::bail!(
+        Box::new(move |cc| Ok(Box::new(P2pzApp::new(cc, options)))),
+    )
+    .map_err(|error| {
+        anyhow::anyhow!(
             "cannot open the editor window: {error}. The editor needs a desktop session (X11 or \
              Wayland); on a headless machine use the command-line stages (`p2pz edit --help`)"
-        );
-    }
-    if report_frames {
-        if let Some((mean, p95, max, n)) = *summary.lock().expect("not poisoned") {
+        )
+    })
+}
+
+impl Drop for P2pzApp {
+    /// Scripted runs (`--screenshot`) report the UI frame time measured while the worker ran.
+    fn drop(&mut self) {
+        if self.options.screenshot.is_none() {
+            return;
+        }
+        if let Some((mean, p95, max, n)) = self.busy_frame_summary() {
             eprintln!(
                 "UI frame time while the worker ran: mean {mean:.2} ms, p95 {p95:.2} ms, max {max:.2} ms over {n} frames"
             );
-        }
-    }
-    Ok(())
-}
-
-/// `(mean, p95, max, frames)` of the frames drawn while the worker was busy, in milliseconds.
-type FrameSummary = Option<(f32, f32, f32, usize)>;
-
-/// Keeps the frame-time summary when eframe drops the app.
-struct ReportOnDrop {
-    app: P2pzApp,
-    summary: Arc<std::sync::Mutex<FrameSummary>>,
-}
-
-impl eframe::App for ReportOnDrop {
-    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
-        self.app.ui(ui, frame);
-    }
-
-    fn save(&mut self, storage: &mut dyn eframe::Storage) {
-        self.app.save(storage);
-    }
-}
-
-impl Drop for ReportOnDrop {
-    fn drop(&mut self) {
-        if let Ok(mut summary) = self.summary.lock() {
-            *summary = self.app.busy_frame_summary();
         }
     }
 }

@@ -579,7 +579,7 @@ impl AppState {
                 self.export.written = paths;
                 self.export.confirm_overwrite = false;
             }
-            Event::Cancelled { .. } => {
+            Event::Cancelled => {
                 self.notify(false, "cancelled: the last finished result is kept");
                 self.preview = None;
                 self.image_revision += 1;

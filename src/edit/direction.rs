@@ -107,6 +107,11 @@ impl EmbeddingCache {
         Self::new(base.join("pix2pix-zero").join("embeddings"))
     }
 
+    /// The folder the cache lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A key that changes whenever the text encoder's weights or the sentences change.
     fn key(model: &StableDiffusion, word: &str, sentences: &[String]) -> Result<String> {
         let weights = &model.files.text_encoder.1;

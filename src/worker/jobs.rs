@@ -156,9 +156,7 @@ impl State {
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(error)) => match error.downcast_ref::<EngineError>() {
-                Some(EngineError::Cancelled) => outbox.send(Event::Cancelled {
-                    stage: "edit".into(),
-                }),
+                Some(EngineError::Cancelled) => outbox.send(Event::Cancelled),
                 _ => outbox.send(Event::Error {
                     message: format!("{error:#}"),
                 }),
@@ -193,7 +191,7 @@ impl State {
                 self.caption(false, outbox)
             }
             Command::Caption { allow_download } => self.caption(allow_download, outbox),
-            Command::Tokenize { caption } => self.tokenize(&caption, outbox),
+            Command::Tokenize { caption } => self.tokenize(&caption, outbox).map(drop),
             Command::Edit(request) => self.edit(&request, outbox, cancel),
             Command::Export(request) => self.export(request, outbox),
             Command::Shutdown => Ok(()),
@@ -307,18 +305,21 @@ impl State {
         outbox.send(Event::Captioned {
             caption: caption.clone(),
         });
-        self.tokenize(&caption, outbox)
+        self.tokenize(&caption, outbox).map(drop)
     }
 
-    fn tokenize(&self, caption: &str, outbox: &Outbox) -> Result<()> {
-        if let Some(model) = &self.model {
-            let tokens = model.text.tokenizer.positions(caption)?;
-            outbox.send(Event::Tokens {
-                caption: caption.to_string(),
-                tokens,
-            });
-        }
-        Ok(())
+    /// Sends the caption's tokens to the app; returns how many key positions they fill.
+    fn tokenize(&self, caption: &str, outbox: &Outbox) -> Result<usize> {
+        let Some(model) = &self.model else {
+            return Ok(0);
+        };
+        let tokens = model.text.tokenizer.positions(caption)?;
+        let count = tokens.len();
+        outbox.send(Event::Tokens {
+            caption: caption.to_string(),
+            tokens,
+        });
+        Ok(count)
     }
 
     /// The session a request needs: the cached one when its header matches, else a new
@@ -422,11 +423,10 @@ impl State {
             None => self.direction(request, outbox)?,
         };
         let inverted = self.ensure_session(request, outbox, cancel)?;
-        self.tokenize(&request.caption, outbox)?;
+        let tokens = self.tokenize(&request.caption, outbox)?;
         let model = self.model.as_ref().expect("checked");
         let photo = self.photo.as_ref().expect("checked by ensure_session");
         let session = self.session.as_mut().expect("ensured");
-        let tokens = model.text.tokenizer.positions(&request.caption)?.len();
         let mut observer = StepEvents {
             model,
             outbox,
@@ -675,11 +675,16 @@ mod tests {
         }
     }
 
+    /// An outbox with its receiving end, and a cancel slot.
+    fn wiring() -> (Outbox, Receiver<Event>, Arc<Mutex<Arc<AtomicBool>>>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let slot = Arc::new(Mutex::new(Arc::new(AtomicBool::new(false))));
+        (Outbox::new(tx, Box::new(|| {})), rx, slot)
+    }
+
     #[test]
     fn a_panicking_job_becomes_an_error_event_and_the_state_survives() {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let outbox = Outbox::new(tx, Box::new(|| {}));
-        let slot = Arc::new(Mutex::new(Arc::new(AtomicBool::new(false))));
+        let (outbox, rx, slot) = wiring();
         let mut state = State::new(config());
         state.guarded(&outbox, &slot, |_, _| panic!("boom"));
         let events: Vec<Event> = rx.try_iter().collect();
@@ -705,13 +710,11 @@ mod tests {
 
     #[test]
     fn a_cancelled_job_reports_cancelled_not_an_error() {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let outbox = Outbox::new(tx, Box::new(|| {}));
-        let slot = Arc::new(Mutex::new(Arc::new(AtomicBool::new(false))));
+        let (outbox, rx, slot) = wiring();
         let mut state = State::new(config());
         state.guarded(&outbox, &slot, |_, _| Err(EngineError::Cancelled.into()));
         let events: Vec<Event> = rx.try_iter().collect();
-        assert!(matches!(events[0], Event::Cancelled { .. }), "{events:?}");
+        assert!(matches!(events[0], Event::Cancelled), "{events:?}");
     }
 
     #[test]

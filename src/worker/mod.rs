@@ -256,10 +256,7 @@ pub enum Event {
         paths: Vec<PathBuf>,
     },
     /// A command stopped at the user's request.
-    Cancelled {
-        /// Which stage stopped.
-        stage: String,
-    },
+    Cancelled,
     /// A command failed; the worker is still alive.
     Error {
         /// What went wrong and the fix.

@@ -3,10 +3,15 @@
 
 use std::sync::Arc;
 
-use crate::app::commands::{revision_of, token_heat_maps};
 use crate::app::heatmap::{self, HeatMap};
 use crate::app::overlay::{self, OverlayFrame};
+use crate::app::panels::attention::token_label;
 use crate::app::state::{AppState, CompareMode};
+
+/// An image's identity as a cheap revision: a new `Arc` is a new image.
+fn revision_of<T>(value: &Arc<T>) -> u64 {
+    Arc::as_ptr(value) as usize as u64
+}
 
 /// A texture and the identity of the image it was made from.
 type CachedTexture = Option<(u64, egui::TextureHandle)>;
@@ -138,10 +143,21 @@ impl CanvasView {
         let Some(photo) = &state.photo else {
             return vec![];
         };
+        let Some(step) = state.overlay_step() else {
+            return vec![];
+        };
         let (w, h) = photo.working.dimensions();
-        token_heat_maps(state)
-            .into_iter()
-            .map(|(label, map)| (label, heatmap::to_gray(&map, w, h)))
+        let o = &state.persisted.overlay;
+        state
+            .tokens
+            .1
+            .iter()
+            .enumerate()
+            .filter_map(|(i, token)| {
+                let raw = heatmap::raw_map(step, i, o.view, o.resolution)?;
+                let map = heatmap::normalise(raw, o.view);
+                Some((token_label(token), heatmap::to_gray(&map, w, h)))
+            })
             .collect()
     }
 

@@ -23,40 +23,40 @@ pub fn cache_hint(state: &AppState) -> String {
     }
 }
 
+/// A labelled slider row of the grid; true when its value settled on a new one (a drag ended,
+/// or a value was typed or clicked), not on every frame of a drag.
+fn scrub_row(ui: &mut egui::Ui, label: &str, slider: egui::Slider<'_>, hint: &str) -> bool {
+    let label = ui.label(label);
+    let response = ui.add(slider).labelled_by(label.id).on_hover_text(hint);
+    ui.end_row();
+    response.drag_stopped() || (response.changed() && !response.dragged())
+}
+
 /// Draws the panel.
 pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppCommand>) {
     ui.heading("Edit");
     let has_result = state.result.is_some();
     let s = &mut state.persisted.sliders;
     let mut rerun = false;
-    let mut scrub = |ui: &mut egui::Ui, response: egui::Response| {
-        // Re-run when a drag ends or a value is typed/clicked, not on every drag frame.
-        if response.drag_stopped() || (response.changed() && !response.dragged()) {
-            rerun = true;
-        }
-        let _ = ui;
-    };
     egui::Grid::new("sliders").num_columns(2).show(ui, |ui| {
-        let label = ui.label("Guidance λ_xa");
-        let r = ui
-            .add(egui::Slider::new(&mut s.lambda_xa, 0.0..=0.5).step_by(0.005))
-            .labelled_by(label.id)
-            .on_hover_text("cross-attention guidance step: keeps the structure of the photo");
-        scrub(ui, r);
-        ui.end_row();
-        let label = ui.label("Edit strength");
-        let r = ui
-            .add(egui::Slider::new(&mut s.strength, 0.0..=2.0).step_by(0.05))
-            .labelled_by(label.id)
-            .on_hover_text("multiplier of the edit direction Δc");
-        scrub(ui, r);
-        ui.end_row();
-        let label = ui.label("CFG scale");
-        let r = ui
-            .add(egui::Slider::new(&mut s.guidance_scale, 1.0..=12.0).step_by(0.5))
-            .labelled_by(label.id);
-        scrub(ui, r);
-        ui.end_row();
+        rerun |= scrub_row(
+            ui,
+            "Guidance λ_xa",
+            egui::Slider::new(&mut s.lambda_xa, 0.0..=0.5).step_by(0.005),
+            "cross-attention guidance step: keeps the structure of the photo",
+        );
+        rerun |= scrub_row(
+            ui,
+            "Edit strength",
+            egui::Slider::new(&mut s.strength, 0.0..=2.0).step_by(0.05),
+            "multiplier of the edit direction Δc",
+        );
+        rerun |= scrub_row(
+            ui,
+            "CFG scale",
+            egui::Slider::new(&mut s.guidance_scale, 1.0..=12.0).step_by(0.5),
+            "classifier-free guidance of the edited pass",
+        );
         let label = ui.label("Steps");
         ui.add(egui::Slider::new(&mut s.steps, 2..=100))
             .labelled_by(label.id)
