@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use pix2pix_zero::app::panels::attention::token_label;
-use pix2pix_zero::app::state::{ModelStatus, Notice, ResultState};
+use pix2pix_zero::app::panels::sliders::cache_hint;
+use pix2pix_zero::app::state::{CompareMode, ModelStatus, Notice, ResultState};
 use pix2pix_zero::app::{AppOptions, P2pzApp};
 use pix2pix_zero::engine::source::ResolveOptions;
 use pix2pix_zero::worker::WorkerConfig;
@@ -40,8 +41,17 @@ fn options(dir: &Path, model: &str) -> AppOptions {
 }
 
 fn harness(dir: &Path, model: &str, wgpu: bool) -> Harness<'static, P2pzApp> {
+    harness_sized(dir, model, wgpu, egui::vec2(1360.0, 820.0))
+}
+
+fn harness_sized(
+    dir: &Path,
+    model: &str,
+    wgpu: bool,
+    window: egui::Vec2,
+) -> Harness<'static, P2pzApp> {
     let options = options(dir, model);
-    let mut builder = Harness::builder().with_size(egui::vec2(1360.0, 820.0));
+    let mut builder = Harness::builder().with_size(window);
     if wgpu {
         builder = builder.wgpu();
     }
@@ -97,17 +107,22 @@ impl egui::DroppedFile for Dropped {
     }
 }
 
-/// Opens the photo by dropping it on the window, then sets caption and words in their fields.
-fn open_and_describe(h: &mut Harness<'static, P2pzApp>, photo: &Path) {
+/// Drops `photo` on the window once the model is ready, and waits for the worker.
+fn drop_photo(h: &mut Harness<'static, P2pzApp>, photo: &Path) {
     wait(h, "the model", |app| {
         matches!(app.state.model, ModelStatus::Ready(_))
     });
     h.input_mut()
         .dropped_files
         .push(std::sync::Arc::new(Dropped(photo.to_path_buf())));
-    wait(h, "the photo", |app| {
-        app.state.photo.is_some() && !app.state.busy()
-    });
+    h.step();
+    wait(h, "the photo", |app| !app.state.busy());
+}
+
+/// Opens the photo by dropping it on the window, then sets caption and words in their fields.
+fn open_and_describe(h: &mut Harness<'static, P2pzApp>, photo: &Path) {
+    drop_photo(h, photo);
+    assert!(h.state().state.photo.is_some(), "the photo opened");
     h.get_by_label("Caption (conditions the inversion)")
         .set_text_value_accesskit("a cat sitting on a sofa");
     h.get_by_label("Source word")
@@ -143,6 +158,22 @@ fn missing(h: &Harness<'static, P2pzApp>) -> (String, bool) {
 
 fn result(h: &Harness<'static, P2pzApp>) -> ResultState {
     h.state().state.result.clone().expect("a result")
+}
+
+/// The error messages showing.
+fn errors(h: &Harness<'static, P2pzApp>) -> Vec<String> {
+    let notices = &h.state().state.notices;
+    notices
+        .iter()
+        .filter(|n| n.error)
+        .map(|n| n.text.clone())
+        .collect()
+}
+
+/// Width over height of where the canvas drew the image in the last frame.
+fn drawn_aspect(h: &Harness<'static, P2pzApp>) -> f32 {
+    let rect = h.state().view.image_rect.expect("the image is drawn");
+    rect.width() / rect.height()
 }
 
 /// The `p2pz` iTXt chunk of a PNG file, parsed.
@@ -190,6 +221,16 @@ fn open_edit_scrub_pick_a_token_and_export() {
         .iter()
         .all(|g| g.tokens == tokens.len()));
 
+    // The resolution filter names each latent grid as columns × rows: 128×64 is 16×8.
+    click(&mut h, "Resolution");
+    assert!(
+        h.query_by_label("16×8 layers").is_some(),
+        "the largest grid"
+    );
+    assert!(h.query_by_label("8×8 layers").is_none());
+    h.key_press(egui::Key::Escape);
+    h.step();
+
     // Scrub λ_xa: the edit re-runs from the session cache, skipping inversion.
     // The slider and its number field share the label; the slider comes first.
     let rect = h
@@ -220,22 +261,24 @@ fn open_edit_scrub_pick_a_token_and_export() {
     let notice = last_notice(&h).text;
     assert!(notice.contains("session cache"), "{notice}");
 
-    // Pick another caption token: the overlay's heat map changes.
+    // The overlay starts on the source word; pick another caption token: the heat map changes.
     let app = h.state_mut();
+    assert_eq!(app.state.overlay_token(), Some(2), "the source word, cat");
     let before = app.view.heat_map(&app.state).expect("a heat map");
     let before_overlay = app.view.overlay_image(&app.state).unwrap();
-    let second = format!("2: {}", token_label(&h.state().state.tokens.1[2]));
-    assert_eq!(second, "2: cat");
+    let sofa = format!("6: {}", token_label(&h.state().state.tokens.1[6]));
+    assert_eq!(sofa, "6: sofa");
     click(&mut h, "Token");
     let option = h
-        .query_all_by_label(&second)
+        .query_all_by_label(&sofa)
         .last()
         .expect("the token in the list");
     option.click();
     h.step();
     h.step();
     let app = h.state_mut();
-    assert_eq!(app.state.persisted.overlay.token, 2);
+    assert_eq!(app.state.persisted.overlay.token_word, "sofa");
+    assert_eq!(app.state.overlay_token(), Some(6));
     let after = app.view.heat_map(&app.state).expect("a heat map");
     assert_ne!(before.values, after.values);
     assert_ne!(
@@ -267,23 +310,32 @@ fn open_edit_scrub_pick_a_token_and_export() {
     assert_eq!(sidecar, record);
     let overlay = image::open(dir.path().join("chelsea-dog-overlay.png")).unwrap();
     assert_eq!((overlay.width(), overlay.height()), (451, 300));
-    let maps = std::fs::read_dir(dir.path().join("chelsea-dog-attention"))
+    let maps: Vec<PathBuf> = std::fs::read_dir(dir.path().join("chelsea-dog-attention"))
         .unwrap()
-        .count();
-    assert_eq!(maps, h.state().state.tokens.1.len());
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(maps.len(), h.state().state.tokens.1.len());
+    for map in &maps {
+        let map = image::open(map).unwrap();
+        assert_eq!(
+            (map.width(), map.height()),
+            (451, 300),
+            "maps at the photo's size"
+        );
+    }
 
     // Exporting again asks before replacing the file.
     let written = std::fs::metadata(&out).unwrap().modified().unwrap();
     click(&mut h, "Export");
     h.step();
-    assert!(h.state().state.export.confirm_overwrite);
+    assert!(!h.state().state.export.confirm_overwrite.is_empty());
     assert_eq!(
         std::fs::metadata(&out).unwrap().modified().unwrap(),
         written
     );
     click(&mut h, "Overwrite");
     wait(&mut h, "the overwrite", |app| {
-        !app.state.export.confirm_overwrite && !app.state.busy()
+        app.state.export.confirm_overwrite.is_empty() && !app.state.busy()
     });
 
     // The source photo is never a valid export target.
@@ -298,6 +350,14 @@ fn open_edit_scrub_pick_a_token_and_export() {
         "{notice:?}"
     );
     assert_eq!(std::fs::read(&photo).unwrap(), source_bytes);
+
+    // A new export replaces that error with its own question.
+    h.get_by_label("Export path")
+        .set_text_value_accesskit(&out.display().to_string());
+    h.step();
+    click(&mut h, "Export");
+    assert!(!h.state().state.export.confirm_overwrite.is_empty());
+    assert_eq!(errors(&h), Vec::<String>::new());
 }
 
 #[test]
@@ -344,6 +404,15 @@ fn missing_weights_say_where_we_looked_and_offer_the_download() {
         message.contains(&dir.path().join("hub").display().to_string()),
         "{message}"
     );
+    // The panel gives the fix once, in the app's words: no command-line flags.
+    assert!(
+        !message.contains("--model") && !message.contains("HF_HUB_OFFLINE"),
+        "{message}"
+    );
+    let advice = h
+        .get_all_by_label_contains("diffusers-format folder")
+        .count();
+    assert_eq!(advice, 1, "the advice is given once");
     h.get_by_label("Download someone/not-a-cached-model");
     click(&mut h, "Run edit");
     h.step();
@@ -367,6 +436,7 @@ fn missing_weights_say_where_we_looked_and_offer_the_download() {
     let (message, downloadable) = missing(&h);
     assert!(!downloadable);
     assert!(message.contains("empty-model"), "{message}");
+    assert!(!message.contains("--model"), "{message}");
 }
 
 #[test]
@@ -397,7 +467,14 @@ fn browse_without_a_file_dialog_falls_back_to_the_path_field() {
 #[test]
 fn wgsl_overlay_matches_the_cpu_blend() {
     let dir = tempfile::tempdir().unwrap();
-    let photo = photo_in(dir.path());
+    // A 2:1 photo is edited at 128×64 on the tiny model: drawn at actual pixels, its shape and
+    // the working image's are the same, so shader and CPU blend can be compared pixel by pixel.
+    let photo = dir.path().join("wide.png");
+    let sample = image::open(photo_in(dir.path())).unwrap();
+    sample
+        .resize_exact(256, 128, image::imageops::FilterType::Triangle)
+        .save(&photo)
+        .unwrap();
     let model = fixtures().join("tiny-sd").display().to_string();
     let mut h = harness(dir.path(), &model, true);
     assert!(
@@ -482,4 +559,227 @@ fn an_imported_direction_file_drives_the_edit() {
     assert_eq!(h.state().state.persisted.recent_directions, vec![file]);
     // No sentences were embedded for the words: the file replaced them.
     assert!(!dir.path().join("embeddings").exists());
+}
+
+#[test]
+fn a_new_working_size_keeps_the_users_work_and_every_view_keeps_the_photos_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = photo_in(dir.path());
+    let model = fixtures().join("tiny-sd").display().to_string();
+    let mut h = harness(dir.path(), &model, false);
+    open_and_describe(&mut h, &photo);
+    let photo_aspect = 451.0 / 300.0;
+    click(&mut h, "Run edit");
+    wait(&mut h, "the first edit", idle_with_result);
+    assert_eq!(
+        result(&h).image.dimensions(),
+        (128, 64),
+        "the tiny model's own size"
+    );
+
+    // Edited, Original and Split are all drawn at the photo's shape, not the working 2:1.
+    let labels = |h: &Harness<'static, P2pzApp>| {
+        let count = |label: &str| h.query_all_by_label(label).count();
+        (count("Original"), count("Edited"))
+    };
+    let (original, edited) = labels(&h);
+    for (mode, name) in [
+        (CompareMode::Edited, "edited"),
+        (CompareMode::Original, "original"),
+        (CompareMode::Split(0.5), "split"),
+    ] {
+        h.state_mut().state.compare = mode;
+        h.step();
+        let aspect = drawn_aspect(&h);
+        assert!(
+            (aspect - photo_aspect).abs() < 0.02,
+            "{name}: drawn at {aspect}"
+        );
+    }
+    // The split view says which side is which, over the image.
+    assert_eq!(labels(&h), (original + 1, edited + 1));
+    h.state_mut().state.compare = CompareMode::Edited;
+    h.step();
+
+    // Choose another working size after the edit: nothing the user did is lost, and the panel
+    // says that the next run inverts again.
+    let export_path = h.state().state.export.path.clone();
+    click(&mut h, "Working size");
+    click(&mut h, "256 px");
+    let state = &h.state().state;
+    assert_eq!(state.persisted.size, Some(256));
+    let hint = cache_hint(state);
+    assert!(
+        hint.contains("working size") && hint.contains("inverts"),
+        "{hint}"
+    );
+    click(&mut h, "Run edit");
+    wait(&mut h, "the photo at the new size", |app| {
+        app.state.photo.as_ref().unwrap().working.dimensions() == (256, 192)
+    });
+    let state = &h.state().state;
+    assert_eq!(
+        state.caption, "a cat sitting on a sofa",
+        "the caption stays"
+    );
+    assert_eq!(
+        (state.persisted.from.as_str(), state.persisted.to.as_str()),
+        ("cat", "dog")
+    );
+    assert_eq!(state.export.path, export_path);
+    assert!(
+        state.result.is_some(),
+        "the last result stays until a new one replaces it"
+    );
+    wait(&mut h, "the edit at 256 px", |app| {
+        idle_with_result(app) && app.state.result.as_ref().unwrap().record["working_side"] == 256
+    });
+    let second = result(&h);
+    assert!(second.inverted, "a new size inverts again");
+    assert_eq!(second.image.dimensions(), (256, 192));
+    assert_eq!(h.state().state.caption, "a cat sitting on a sofa");
+    assert!((drawn_aspect(&h) - photo_aspect).abs() < 0.02);
+
+    // Scrubbing λ_xa afterwards re-edits from the new session.
+    h.state_mut().state.persisted.sliders.lambda_xa = 0.2;
+    click(&mut h, "Run edit");
+    wait(&mut h, "the re-edit", |app| {
+        idle_with_result(app)
+            && app.state.result.as_ref().unwrap().record["edit"]["guidance"]["lambda_xa"] == 0.2
+    });
+    let third = result(&h);
+    assert!(!third.inverted && third.reused_reference);
+    assert_eq!(errors(&h), Vec::<String>::new());
+
+    // A name without an extension gets the format's.
+    let typed = dir.path().join("out2.");
+    h.get_by_label("Export path")
+        .set_text_value_accesskit(&typed.display().to_string());
+    h.step();
+    click(&mut h, "Export");
+    wait(&mut h, "the export", |app| {
+        !app.state.export.written.is_empty() && !app.state.busy()
+    });
+    let out = dir.path().join("out2.png");
+    assert_eq!(h.state().state.export.written[0], out);
+    let decoded = image::open(&out).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (451, 300));
+
+    // Replacing only the sidecar asks too, and names it; nothing is written until confirmed.
+    std::fs::remove_file(&out).unwrap();
+    let sidecar = dir.path().join("out2.json");
+    std::fs::write(&sidecar, "the user's notes").unwrap();
+    click(&mut h, "Export");
+    h.step();
+    assert_eq!(
+        h.state().state.export.confirm_overwrite,
+        vec![sidecar.clone()]
+    );
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_to_string(&sidecar).unwrap(),
+        "the user's notes"
+    );
+    click(&mut h, "Keep existing");
+    assert!(h.state().state.export.confirm_overwrite.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(&sidecar).unwrap(),
+        "the user's notes"
+    );
+}
+
+#[test]
+fn an_error_goes_when_its_action_succeeds_or_another_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-sd").display().to_string();
+    let mut h = harness(dir.path(), &model, false);
+    let fake = dir.path().join("fake.png");
+    std::fs::write(&fake, "not an image").unwrap();
+    drop_photo(&mut h, &fake);
+    let shown = errors(&h);
+    assert!(
+        shown.len() == 1 && shown[0].contains("not a readable image"),
+        "{shown:?}"
+    );
+    // A good photo opens: the bad one's error goes.
+    let photo = photo_in(dir.path());
+    drop_photo(&mut h, &photo);
+    assert!(h.state().state.photo.is_some());
+    assert_eq!(errors(&h), Vec::<String>::new());
+
+    // Run with no caption: an error; captioning again replaces it.
+    h.state_mut().state.caption.clear();
+    click(&mut h, "Run edit");
+    assert!(errors(&h)[0].contains("caption is empty"));
+    click(&mut h, "Caption with BLIP");
+    wait(&mut h, "the caption", |app| {
+        !app.state.busy() && !app.state.caption.is_empty()
+    });
+    assert_eq!(errors(&h), Vec::<String>::new());
+
+    // A source word that is not in the caption gets a hint; the guidance keys on its tokens.
+    h.get_by_label("Caption (conditions the inversion)")
+        .set_text_value_accesskit("a kitten on a sofa");
+    h.get_by_label("Source word")
+        .set_text_value_accesskit("cat");
+    h.step();
+    h.step();
+    assert!(h.query_by_label_contains("is not in the caption").is_some());
+    h.get_by_label("Caption (conditions the inversion)")
+        .set_text_value_accesskit("a cat on a sofa");
+    h.step();
+    h.step();
+    assert!(h.query_by_label_contains("is not in the caption").is_none());
+}
+
+#[test]
+fn at_1280_by_720_the_scrubbed_controls_run_and_progress_are_in_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = photo_in(dir.path());
+    let model = fixtures().join("tiny-sd").display().to_string();
+    let window = egui::vec2(1280.0, 720.0);
+    let mut h = harness_sized(dir.path(), &model, false, window);
+    drop_photo(&mut h, &photo);
+    let screen = egui::Rect::from_min_size(egui::Pos2::ZERO, window);
+    let in_view = |h: &Harness<'static, P2pzApp>, label: &str| {
+        let rect = h
+            .query_all_by_label(label)
+            .next()
+            .unwrap_or_else(|| panic!("{label}"))
+            .rect();
+        assert!(
+            screen.contains_rect(rect),
+            "{label} at {rect:?} is outside the 1280×720 window"
+        );
+    };
+    for label in [
+        "Guidance λ_xa",
+        "Edit strength",
+        "CFG scale",
+        "Steps",
+        "Run edit",
+        "Ready",
+    ] {
+        in_view(&h, label);
+    }
+    // The canvas keeps most of the width.
+    let rect = h.state().view.image_rect.unwrap();
+    assert!(
+        rect.width() > 0.5 * window.x,
+        "the image is {} px wide",
+        rect.width()
+    );
+
+    // Hiding the inspector gives its room to the canvas.
+    h.state_mut().state.persisted.panels.inspector = false;
+    for _ in 0..30 {
+        h.step(); // the panel slides shut
+    }
+    let wider = h.state().view.image_rect.unwrap();
+    assert!(
+        wider.width() > rect.width() + 100.0,
+        "{} → {}",
+        rect.width(),
+        wider.width()
+    );
 }

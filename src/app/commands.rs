@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 
 use super::dialogs::DialogPurpose;
-use super::state::{CompareMode, JobState, ThemeChoice};
+use super::state::{AppState, CompareMode, JobState, ModelStatus, ThemeChoice};
 use super::P2pzApp;
 use crate::edit::guidance::GuidanceParams;
 use crate::edit::EditSettings;
 use crate::export::same_file;
-use crate::worker::{Command, EditRequest, ExportRequest};
+use crate::worker::{export_targets, Command, EditRequest, ExportFormat, ExportRequest};
 
 /// A user intent.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +47,25 @@ pub enum AppCommand {
     ToggleCompare,
     /// Switch the theme.
     SetTheme(ThemeChoice),
+    /// Show or hide the controls panel (left).
+    ToggleControls,
+    /// Show or hide the inspector panel (right).
+    ToggleInspector,
+}
+
+impl AppCommand {
+    /// Whether this intent starts an action of its own, whose success or failure replaces the
+    /// messages of earlier ones (opening, loading, captioning, running, exporting).
+    fn starts_an_action(&self) -> bool {
+        matches!(
+            self,
+            AppCommand::OpenPath(_)
+                | AppCommand::LoadModel { .. }
+                | AppCommand::Caption { .. }
+                | AppCommand::Run
+                | AppCommand::Export { .. }
+        )
+    }
 }
 
 /// Shortcuts: (modifiers, key, command). The Help panel lists them from here.
@@ -82,14 +101,18 @@ pub fn shortcuts() -> Vec<(egui::KeyboardShortcut, AppCommand, &'static str)> {
 }
 
 impl P2pzApp {
-    /// Sends a command to the worker and counts it until its `Idle` comes back.
+    /// Sends a command to the worker and keeps it in the in-flight list until its `Idle`
+    /// comes back.
     pub(super) fn send(&mut self, command: Command) {
-        self.state.in_flight += 1;
+        self.state.in_flight.push_back(command.kind());
         self.worker.send(command);
     }
 
     /// Carries out one intent.
     pub fn execute(&mut self, command: AppCommand, ctx: &egui::Context) {
+        if command.starts_an_action() {
+            self.state.clear_errors();
+        }
         match command {
             AppCommand::PickImage => {
                 let dir = self
@@ -216,36 +239,39 @@ impl P2pzApp {
                 self.state.persisted.theme = theme;
                 super::apply_theme(ctx, theme);
             }
+            AppCommand::ToggleControls => {
+                let shown = &mut self.state.persisted.panels.controls;
+                *shown = !*shown;
+            }
+            AppCommand::ToggleInspector => {
+                let shown = &mut self.state.persisted.panels.inspector;
+                *shown = !*shown;
+            }
         }
     }
 
     fn export(&mut self, overwrite: bool) {
+        self.state.export.confirm_overwrite.clear();
         if self.state.result.is_none() {
             self.state
                 .notify(true, "nothing to export yet: run an edit first");
             return;
         }
-        let path = PathBuf::from(self.state.export.path.trim());
-        if path.as_os_str().is_empty() {
+        let typed = PathBuf::from(self.state.export.path.trim());
+        if typed.as_os_str().is_empty() {
             self.state
                 .notify(true, "the Export path is empty: type a file name");
             return;
         }
-        if let Some(photo) = &self.state.photo {
-            if same_file(&path, &photo.path) {
-                self.state.notify(
-                    true,
-                    "the export path is the photo being edited: choose another name, the source \
-                     is never overwritten",
-                );
+        let (path, format) = match ExportFormat::resolve(&typed, self.state.persisted.export_format)
+        {
+            Ok(resolved) => resolved,
+            Err(problem) => {
+                self.state.notify(true, problem.to_string());
                 return;
             }
-        }
-        if path.exists() && !overwrite {
-            self.state.export.confirm_overwrite = true;
-            return;
-        }
-        let format = format_for(&path).unwrap_or(self.state.persisted.export_format);
+        };
+        self.state.export.path = path.display().to_string();
         let overlay = if self.state.export.overlay {
             self.view.overlay_image(&self.state)
         } else {
@@ -256,7 +282,23 @@ impl P2pzApp {
         } else {
             vec![]
         };
-        self.state.export.confirm_overwrite = false;
+        let labels: Vec<String> = maps.iter().map(|(label, _)| label.clone()).collect();
+        let targets = export_targets(&path, overlay.is_some(), &labels);
+        if let Some(photo) = &self.state.photo {
+            if targets.iter().any(|t| same_file(t, &photo.path)) {
+                self.state.notify(
+                    true,
+                    "the export would write over the photo being edited: choose another name, \
+                     the source is never overwritten",
+                );
+                return;
+            }
+        }
+        let existing: Vec<PathBuf> = targets.into_iter().filter(|t| t.exists()).collect();
+        if !existing.is_empty() && !overwrite {
+            self.state.export.confirm_overwrite = existing;
+            return;
+        }
         self.state.job = Some(JobState::new("export"));
         self.send(Command::Export(ExportRequest {
             path,
@@ -269,8 +311,8 @@ impl P2pzApp {
 }
 
 /// Why an edit cannot start yet, if it cannot.
-fn run_blocker(state: &super::state::AppState) -> Option<&'static str> {
-    if !matches!(state.model, super::state::ModelStatus::Ready(_)) {
+fn run_blocker(state: &AppState) -> Option<&'static str> {
+    if !matches!(state.model, ModelStatus::Ready(_)) {
         return Some("no model is loaded: choose a model folder or repo id in the Model panel");
     }
     if state.photo.is_none() {
@@ -284,13 +326,4 @@ fn run_blocker(state: &super::state::AppState) -> Option<&'static str> {
         return Some("type the word in the photo and the word it should become");
     }
     None
-}
-
-/// The export format a path's extension names.
-fn format_for(path: &std::path::Path) -> Option<crate::worker::ExportFormat> {
-    use crate::worker::ExportFormat;
-    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-    ExportFormat::ALL
-        .into_iter()
-        .find(|f| f.extension() == ext || (ext == "jpeg" && *f == ExportFormat::Jpeg))
 }

@@ -141,6 +141,32 @@ pub fn normalise((height, width, values): (usize, usize, Vec<f32>), view: MapVie
     }
 }
 
+/// A map's raw range for its legend, with the digits it takes to tell the ends apart:
+/// `0.012 to 0.480`, `0.20012 to 0.20047`, `0 to 3.1e-5`.
+pub fn range_label(low: f32, high: f32) -> String {
+    let largest = low.abs().max(high.abs());
+    if largest == 0.0 {
+        return "0 to 0".into();
+    }
+    if largest < 1e-3 {
+        let small = |v: f32| {
+            if v == 0.0 {
+                "0".to_string()
+            } else {
+                format!("{v:.1e}")
+            }
+        };
+        return format!("{} to {}", small(low), small(high));
+    }
+    let span = (high - low).abs();
+    let decimals = if span > 0.0 {
+        (1 - span.log10().floor() as i32).clamp(3, 8) as usize
+    } else {
+        3
+    };
+    format!("{low:.decimals$} to {high:.decimals$}")
+}
+
 /// A colour scale for heat maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Colormap {
@@ -333,6 +359,14 @@ mod tests {
         assert!((all[0] - 0.3).abs() < 1e-6);
         assert!(raw_map(&s, 0, MapView::Edited, ResolutionFilter::All).is_none());
         assert!(raw_map(&s, 0, MapView::Reference, ResolutionFilter::Rows(8)).is_none());
+    }
+
+    #[test]
+    fn range_labels_show_the_difference_between_their_ends() {
+        assert_eq!(range_label(0.012, 0.48), "0.012 to 0.480");
+        assert_eq!(range_label(0.20012, 0.20047), "0.20012 to 0.20047");
+        assert_eq!(range_label(0.0, 3.1e-5), "0 to 3.1e-5");
+        assert_eq!(range_label(0.0, 0.0), "0 to 0");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod commands;
 pub mod dialogs;
+pub mod dump;
 pub mod heatmap;
 pub mod overlay;
 pub mod panels;
@@ -22,7 +23,6 @@ use dialogs::{DialogPurpose, Dialogs};
 use panels::canvas::CanvasView;
 use state::{AppState, Persisted, ThemeChoice};
 
-use crate::edit::direction::EmbeddingCache;
 use crate::worker::{Worker, WorkerConfig};
 
 /// The window title and the key of persisted settings.
@@ -48,7 +48,7 @@ pub struct AppOptions {
     pub size: Option<usize>,
     /// Run the edit as soon as the photo, caption and model are ready.
     pub run: bool,
-    /// Pick this overlay token (by its text) once tokens arrive.
+    /// Show the overlay of this caption token (by its text, e.g. `cat`).
     pub overlay_token: Option<String>,
     /// Which pass the overlay shows.
     pub overlay_view: Option<heatmap::MapView>,
@@ -58,6 +58,8 @@ pub struct AppOptions {
     pub theme: Option<ThemeChoice>,
     /// Take a screenshot of the window here once the app is settled, then quit.
     pub screenshot: Option<PathBuf>,
+    /// Write a JSON picture of the state here whenever it changes, for scripted checks.
+    pub state_dump: Option<PathBuf>,
     /// Use persisted settings (off in tests).
     pub persist: bool,
     /// The worker's configuration.
@@ -81,34 +83,17 @@ impl AppOptions {
             compare: None,
             theme: None,
             screenshot: None,
+            state_dump: None,
             persist: true,
             worker,
         }
     }
 }
 
-/// A worker configuration for a user's machine.
-pub fn default_worker_config(cpu: bool) -> WorkerConfig {
-    WorkerConfig {
-        captioner: crate::edit::caption::DEFAULT_CAPTIONER.to_string(),
-        embedding_cache: EmbeddingCache::default_location().dir().to_path_buf(),
-        sentences: crate::edit::sentences::DEFAULT_SENTENCES,
-        resolve: crate::engine::source::ResolveOptions::from_env(),
-        cpu,
-        preview_every: 5,
-    }
-}
-
-/// Words whose mean embedding the worker's cache holds, offered as targets.
-fn known_words(worker: &WorkerConfig) -> Vec<String> {
-    EmbeddingCache::new(worker.embedding_cache.clone()).cached_words()
-}
-
 /// Where the scripted start (`--run`, `--screenshot`) stands.
 #[derive(Debug, Default)]
 struct Script {
     ran: bool,
-    token_picked: bool,
     settled_frames: usize,
     screenshot_requested: bool,
     screenshot_done: Arc<AtomicBool>,
@@ -126,6 +111,8 @@ pub struct P2pzApp {
     script: Script,
     /// Commands produced outside the panels (dialog answers), run next frame.
     pending: Vec<AppCommand>,
+    /// The last state picture written to `options.state_dump`.
+    last_dump: String,
 }
 
 impl std::fmt::Debug for P2pzApp {
@@ -172,14 +159,15 @@ impl P2pzApp {
         if let Some(view) = options.overlay_view {
             p.overlay.view = view;
         }
+        if let Some(token) = &options.overlay_token {
+            p.overlay.token_word = token.clone();
+        }
         if let Some(theme) = options.theme {
             p.theme = theme;
         }
         if let Some(compare) = options.compare {
             state.compare = compare;
         }
-        state.known_words =
-            EmbeddingCache::new(options.worker.embedding_cache.clone()).cached_words();
         apply_theme(&cc.egui_ctx, state.persisted.theme);
 
         let mut view = CanvasView::default();
@@ -198,6 +186,7 @@ impl P2pzApp {
             options,
             script: Script::default(),
             pending: vec![],
+            last_dump: String::new(),
         };
         app.execute(
             AppCommand::LoadModel {
@@ -214,13 +203,9 @@ impl P2pzApp {
     /// Drains worker events and dialog answers into the state.
     fn poll(&mut self) {
         while let Some(event) = self.worker.try_recv() {
-            let edited = matches!(event, crate::worker::Event::Edited(_));
             let captioned = matches!(event, crate::worker::Event::Captioned { .. });
             let idle = matches!(event, crate::worker::Event::Idle);
             self.state.apply(event);
-            if edited {
-                self.state.known_words = known_words(&self.options.worker);
-            }
             if captioned {
                 if let Some(caption) = &self.options.caption {
                     self.state.caption = caption.clone();
@@ -249,7 +234,7 @@ impl P2pzApp {
                 }
                 DialogPurpose::ExportPath => self.state.export.path = path.display().to_string(),
             }
-            self.state.export.confirm_overwrite = false;
+            self.state.export.confirm_overwrite.clear();
             match answer.purpose {
                 DialogPurpose::OpenImage => self.pending.push(AppCommand::OpenPath(path)),
                 DialogPurpose::ModelFolder => self.pending.push(AppCommand::LoadModel {
@@ -275,20 +260,6 @@ impl P2pzApp {
         if self.options.run && !self.script.ran && ready && !self.state.caption.trim().is_empty() {
             self.script.ran = true;
             self.execute(AppCommand::Run, ctx);
-        }
-        if let Some(token) = &self.options.overlay_token {
-            if !self.script.token_picked && self.state.tokens_current() {
-                let found = self
-                    .state
-                    .tokens
-                    .1
-                    .iter()
-                    .position(|t| panels::attention::token_label(t) == *token);
-                if let Some(index) = found {
-                    self.state.persisted.overlay.token = index;
-                    self.script.token_picked = true;
-                }
-            }
         }
         let Some(path) = self.options.screenshot.clone() else {
             return;
@@ -366,6 +337,20 @@ impl P2pzApp {
                     commands.push(AppCommand::SetTheme(ThemeChoice::Dark));
                 }
                 ui.checkbox(&mut self.view.actual_size, "Actual pixels");
+                ui.separator();
+                let panels = self.state.persisted.panels;
+                if ui
+                    .checkbox(&mut { panels.controls }, "Controls panel")
+                    .clicked()
+                {
+                    commands.push(AppCommand::ToggleControls);
+                }
+                if ui
+                    .checkbox(&mut { panels.inspector }, "Inspector panel")
+                    .clicked()
+                {
+                    commands.push(AppCommand::ToggleInspector);
+                }
             });
             ui.menu_button("Help", |ui| {
                 for (shortcut, _, what) in commands::shortcuts() {
@@ -402,15 +387,24 @@ impl eframe::App for P2pzApp {
         egui::Panel::bottom("status").show(ui, |ui| {
             panels::progress::show(ui, &mut self.state, &mut commands)
         });
+        // Side panels take at most a third of the window each, so the canvas keeps most of it;
+        // each can be resized, dragged shut, or hidden from the View menu.
+        let width = ui.max_rect().width();
+        let side = |share: f32, widest: f32| (width * share).clamp(220.0, widest);
+        let mut shown = self.state.persisted.panels;
         egui::Panel::left("controls")
             .resizable(true)
-            .default_size(360.0)
-            .show(ui, |ui| {
-                egui::Panel::bottom("run")
+            .default_size(side(0.22, 340.0))
+            .size_range(200.0..=side(0.34, 520.0))
+            .show_collapsible(ui, &mut shown.controls, |ui| {
+                // What a person scrubs, and Run, stay in view; the rest scrolls above them.
+                egui::Panel::bottom("edit")
                     .show_separator_line(true)
                     .show(ui, |ui| {
                         ui.add_space(4.0);
+                        panels::sliders::show(ui, &mut self.state, &mut commands);
                         panels::sliders::run_row(ui, &self.state, &mut commands);
+                        ui.add_space(2.0);
                     });
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     panels::model::show(ui, &mut self.state, &mut commands);
@@ -418,20 +412,21 @@ impl eframe::App for P2pzApp {
                     panels::photo::show(ui, &mut self.state, &mut commands);
                     ui.separator();
                     panels::words::show(ui, &mut self.state, &mut commands);
-                    ui.separator();
-                    panels::sliders::show(ui, &mut self.state, &mut commands);
                 });
             });
         egui::Panel::right("inspect")
             .resizable(true)
-            .default_size(320.0)
-            .show(ui, |ui| {
+            .default_size(side(0.20, 320.0))
+            .size_range(200.0..=side(0.34, 520.0))
+            .show_collapsible(ui, &mut shown.inspector, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     panels::attention::show(ui, &mut self.state);
                     ui.separator();
                     panels::export::show(ui, &mut self.state, &mut commands);
                 });
             });
+        // A panel dragged shut stays shut, like one hidden from the View menu.
+        self.state.persisted.panels = shown;
         egui::CentralPanel::default().show(ui, |ui| {
             self.view.show(ui, &mut self.state);
             if ctx.input(|i| !i.raw.hovered_files.is_empty()) {
@@ -451,6 +446,15 @@ impl eframe::App for P2pzApp {
             self.execute(command, &ctx);
         }
         self.script_step(&ctx);
+        if let Some(path) = &self.options.state_dump {
+            let picture = dump::picture(&self.state, &ctx).to_string();
+            if picture != self.last_dump {
+                if let Err(error) = crate::export::write_atomically(path, picture.as_bytes()) {
+                    eprintln!("state dump: {error:#}");
+                }
+                self.last_dump = picture;
+            }
+        }
         let busy = self.state.busy();
         let ms = started.elapsed().as_secs_f32() * 1000.0;
         self.state.frames.record(ms, busy);

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::heatmap::{Colormap, MapView, ResolutionFilter};
-use crate::worker::{Event, ExportFormat, ModelInfo, StepAttention};
+use super::panels::attention::token_label;
+use crate::worker::{Event, ExportFormat, ModelInfo, StepAttention, DEFAULT_MODEL};
 
 /// Recent files kept in the Open menu.
 pub const RECENT_FILES: usize = 8;
@@ -42,12 +43,14 @@ impl Default for Sliders {
 }
 
 /// How the overlay is drawn.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct OverlaySettings {
     /// Whether the heat map is drawn.
     pub enabled: bool,
-    /// Token index into the caption's tokens.
-    pub token: usize,
+    /// The caption token shown, as a person reads it (`cat`, `[start]`); remembered by its
+    /// text so that it follows the word when the caption changes. Empty: the source word.
+    pub token_word: String,
     /// Step to show; `None` follows the newest step.
     pub step: Option<usize>,
     /// Reference, edited or difference.
@@ -64,7 +67,7 @@ impl Default for OverlaySettings {
     fn default() -> Self {
         Self {
             enabled: true,
-            token: 1,
+            token_word: String::new(),
             step: None,
             view: MapView::Reference,
             resolution: ResolutionFilter::All,
@@ -96,6 +99,24 @@ pub enum ThemeChoice {
     Light,
 }
 
+/// Which side panels are shown; the canvas takes the room of a hidden one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PanelsShown {
+    /// The controls on the left: model, photo, caption, words, edit.
+    pub controls: bool,
+    /// The inspector on the right: view, cross-attention, export.
+    pub inspector: bool,
+}
+
+impl Default for PanelsShown {
+    fn default() -> Self {
+        Self {
+            controls: true,
+            inspector: true,
+        }
+    }
+}
+
 /// Everything that survives a restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -122,12 +143,14 @@ pub struct Persisted {
     pub export_format: ExportFormat,
     /// Theme.
     pub theme: ThemeChoice,
+    /// Which side panels are shown.
+    pub panels: PanelsShown,
 }
 
 impl Default for Persisted {
     fn default() -> Self {
         Self {
-            model_spec: crate::engine::source::DEFAULT_MODEL.to_string(),
+            model_spec: DEFAULT_MODEL.to_string(),
             recent: vec![],
             from: "cat".into(),
             to: "dog".into(),
@@ -138,6 +161,7 @@ impl Default for Persisted {
             overlay: OverlaySettings::default(),
             export_format: ExportFormat::Png,
             theme: ThemeChoice::Dark,
+            panels: PanelsShown::default(),
         }
     }
 }
@@ -196,9 +220,9 @@ pub struct PhotoState {
 /// A command the worker is running.
 #[derive(Debug, Clone)]
 pub struct JobState {
-    /// What the user asked for ("edit", "open", "model", "export").
+    /// What the user asked for ("edit", "open", "model", "caption", "export").
     pub kind: &'static str,
-    /// The worker's current stage.
+    /// The worker's current stage; empty until the first progress report.
     pub stage: String,
     /// Steps done in this stage.
     pub step: usize,
@@ -206,35 +230,61 @@ pub struct JobState {
     pub total: usize,
     /// The newest loss.
     pub loss: Option<f64>,
-    /// When the stage started.
-    pub stage_started: Instant,
+    /// When the last step of this stage was reported (or the stage started).
+    last_step_at: Instant,
+    /// How long the recent steps of this stage took, oldest first.
+    step_times: VecDeque<Duration>,
     /// Whether the user asked it to stop.
     pub cancelling: bool,
 }
 
 impl JobState {
+    /// Steps whose durations the time-left estimate looks at.
+    const RECENT_STEPS: usize = 5;
+
     /// A new job of `kind`.
     pub fn new(kind: &'static str) -> Self {
         Self {
             kind,
-            stage: "starting".into(),
+            stage: String::new(),
             step: 0,
             total: 0,
             loss: None,
-            stage_started: Instant::now(),
+            last_step_at: Instant::now(),
+            step_times: VecDeque::new(),
             cancelling: false,
         }
     }
 
-    /// Time left in this stage, from the average step time so far.
+    /// Records a progress report: a new stage restarts the step clock.
+    pub fn report(&mut self, stage: String, step: usize, total: usize, loss: Option<f64>) {
+        let now = Instant::now();
+        if self.stage != stage {
+            self.stage = stage;
+            self.step_times.clear();
+        } else if step > self.step {
+            let per_step = (now - self.last_step_at) / (step - self.step) as u32;
+            if self.step_times.len() == Self::RECENT_STEPS {
+                self.step_times.pop_front();
+            }
+            self.step_times.push_back(per_step);
+        }
+        self.last_step_at = now;
+        self.step = step;
+        self.total = total;
+        self.loss = loss;
+    }
+
+    /// Time left in this stage: the median of the recent steps' durations times the steps left.
+    /// The median ignores a step that also decoded a preview. `None` before a step was timed,
+    /// and while the job is stopping (the remaining steps will not run).
     pub fn time_left(&self) -> Option<Duration> {
-        if self.step == 0 || self.total <= self.step {
+        if self.cancelling || self.step_times.is_empty() || self.total <= self.step {
             return None;
         }
-        let per_step = self.stage_started.elapsed().as_secs_f64() / self.step as f64;
-        Some(Duration::from_secs_f64(
-            per_step * (self.total - self.step) as f64,
-        ))
+        let mut recent: Vec<Duration> = self.step_times.iter().copied().collect();
+        recent.sort();
+        Some(recent[recent.len() / 2] * (self.total - self.step) as u32)
     }
 }
 
@@ -275,8 +325,8 @@ pub struct ExportForm {
     pub overlay: bool,
     /// Also write one gray image per caption token.
     pub maps: bool,
-    /// Set when the path exists and the user must confirm.
-    pub confirm_overwrite: bool,
+    /// The existing files the export would replace: while not empty, the user must confirm.
+    pub confirm_overwrite: Vec<PathBuf>,
     /// Files the last export wrote.
     pub written: Vec<PathBuf>,
 }
@@ -347,8 +397,11 @@ pub struct AppState {
     pub result: Option<ResultState>,
     /// The newest preview during an edit: `(step, image)`.
     pub preview: Option<(usize, Arc<image::RgbImage>)>,
-    /// Reduced attention per step of the newest edit.
+    /// Reduced attention per step: of the shown result, or of the running edit as it arrives.
     pub attention: Vec<StepAttention>,
+    /// The shown result's maps while a running edit's replace them in `attention`; put back
+    /// if that edit is cancelled or fails, so that the overlay always matches the image.
+    kept_attention: Option<Vec<StepAttention>>,
     /// Bumped whenever `attention` changes.
     pub attention_revision: u64,
     /// The canvas mode.
@@ -361,8 +414,9 @@ pub struct AppState {
     pub frames: FrameStats,
     /// Whether the native file dialog failed to appear (then only the path field works).
     pub dialog_unavailable: bool,
-    /// Commands sent to the worker whose `Idle` has not come back.
-    pub in_flight: usize,
+    /// The kinds of the commands sent to the worker whose `Idle` has not come back, oldest
+    /// (the one running) first.
+    pub in_flight: VecDeque<&'static str>,
 }
 
 impl AppState {
@@ -383,25 +437,38 @@ impl AppState {
             result: None,
             preview: None,
             attention: vec![],
+            kept_attention: None,
             attention_revision: 0,
             compare: CompareMode::Edited,
             export: ExportForm {
                 path: String::new(),
                 overlay: false,
                 maps: false,
-                confirm_overwrite: false,
+                confirm_overwrite: vec![],
                 written: vec![],
             },
             notices: vec![],
             frames: FrameStats::default(),
             dialog_unavailable: false,
-            in_flight: 0,
+            in_flight: VecDeque::new(),
         }
     }
 
     /// Whether the worker is running a command.
     pub fn busy(&self) -> bool {
         self.job.is_some()
+    }
+
+    /// Removes the error messages: the action that caused them succeeded, or another started.
+    pub fn clear_errors(&mut self) {
+        self.notices.retain(|n| !n.error);
+    }
+
+    /// Whether the running command is an edit that a newer edit replaces: its progress and
+    /// previews are not shown, and its cancel is a restart, not the user's.
+    fn running_superseded_edit(&self) -> bool {
+        self.in_flight.front() == Some(&"edit")
+            && self.in_flight.iter().skip(1).any(|k| *k == "edit")
     }
 
     /// Adds a message.
@@ -418,6 +485,34 @@ impl AppState {
     /// Whether the tokens belong to the current caption.
     pub fn tokens_current(&self) -> bool {
         self.tokens.0 == self.caption
+    }
+
+    /// The caption's tokens, when they belong to the current caption.
+    pub fn current_tokens(&self) -> &[String] {
+        if self.tokens_current() {
+            &self.tokens.1
+        } else {
+            &[]
+        }
+    }
+
+    /// The key position of the overlay's token: the remembered word, else the source word, else
+    /// the caption's first word. `None` before the caption's tokens arrived.
+    pub fn overlay_token(&self) -> Option<usize> {
+        let tokens = self.current_tokens();
+        let find = |word: &str| tokens.iter().position(|t| token_label(t) == word);
+        let source = self.persisted.from.trim().to_lowercase();
+        find(&self.persisted.overlay.token_word)
+            .or_else(|| find(&source))
+            .or_else(|| (!tokens.is_empty()).then(|| 1.min(tokens.len() - 1)))
+    }
+
+    /// The working long side the next edit runs at: the chosen size, else the model's.
+    pub fn working_side(&self) -> Option<usize> {
+        self.persisted.size.or(match &self.model {
+            ModelStatus::Ready(info) => Some(info.default_side),
+            _ => None,
+        })
     }
 
     /// The step the overlay shows: the chosen one, else the newest.
@@ -468,6 +563,7 @@ impl AppState {
                 }
             }
             Event::ModelReady(info) => {
+                self.clear_errors();
                 self.download = None;
                 self.persisted.model_spec = info.spec.clone();
                 self.model = ModelStatus::Ready(info);
@@ -485,6 +581,7 @@ impl AppState {
                 };
             }
             Event::Opened(opened) => {
+                self.clear_errors();
                 let recent = &mut self.persisted.recent;
                 recent.retain(|p| p != &opened.path);
                 recent.insert(0, opened.path.clone());
@@ -498,6 +595,7 @@ impl AppState {
                 self.result = None;
                 self.preview = None;
                 self.attention.clear();
+                self.kept_attention = None;
                 self.attention_revision += 1;
                 self.image_revision += 1;
                 // The old photo's caption would condition the new one's inversion.
@@ -510,7 +608,16 @@ impl AppState {
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
             }
+            Event::Resized(resized) => {
+                // Same photo, new working size: keep everything the user set and sees.
+                if let Some(photo) = &mut self.photo {
+                    photo.working = Arc::new(resized.working);
+                    self.image_revision += 1;
+                }
+            }
+            Event::KnownWords(words) => self.known_words = words,
             Event::Captioned { caption } => {
+                self.clear_errors();
                 self.caption = caption;
                 self.caption_note = None;
             }
@@ -526,25 +633,24 @@ impl AppState {
                 total,
                 loss,
             } => {
-                let job = self.job.get_or_insert_with(|| JobState::new("edit"));
-                if job.stage != stage {
-                    job.stage = stage;
-                    job.stage_started = Instant::now();
+                if !self.running_superseded_edit() {
+                    let job = self.job.get_or_insert_with(|| JobState::new("edit"));
+                    job.report(stage, step, total, loss);
                 }
-                job.step = step;
-                job.total = total;
-                job.loss = loss;
             }
             Event::Attention(step) => {
                 if step.index == 0 {
-                    self.attention.clear();
+                    let shown = std::mem::take(&mut self.attention);
+                    self.kept_attention.get_or_insert(shown);
                 }
                 self.attention.push(step);
                 self.attention_revision += 1;
             }
             Event::Preview { step, image } => {
-                self.preview = Some((step, Arc::new(image)));
-                self.image_revision += 1;
+                if !self.running_superseded_edit() {
+                    self.preview = Some((step, Arc::new(image)));
+                    self.image_revision += 1;
+                }
             }
             Event::Edited(result) => {
                 let how = if result.reused_reference {
@@ -554,10 +660,12 @@ impl AppState {
                 } else {
                     "edit (inversion reused from the session cache)"
                 };
+                self.clear_errors();
                 self.notify(
                     false,
                     format!("{how}: {:.1} s", result.elapsed.as_secs_f64()),
                 );
+                self.kept_attention = None;
                 self.result = Some(ResultState {
                     image: Arc::new(result.image),
                     reconstruction: result.reconstruction.map(Arc::new),
@@ -575,26 +683,48 @@ impl AppState {
                     .first()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
+                self.clear_errors();
                 self.notify(false, format!("exported {} file(s): {first}", paths.len()));
                 self.export.written = paths;
-                self.export.confirm_overwrite = false;
+                self.export.confirm_overwrite.clear();
             }
             Event::Cancelled => {
-                self.notify(false, "cancelled: the last finished result is kept");
-                self.preview = None;
-                self.image_revision += 1;
+                if !self.running_superseded_edit() {
+                    let kept = if self.result.is_some() {
+                        "the last finished result is kept"
+                    } else {
+                        "there is no finished result yet"
+                    };
+                    self.notify(false, format!("cancelled: {kept}"));
+                }
+                self.discard_running_edit();
             }
             Event::Error { message } => {
                 self.notify(true, message);
+                self.discard_running_edit();
             }
             Event::Idle => {
                 // A cancelled edit's Idle must not end the edit queued behind it.
-                self.in_flight = self.in_flight.saturating_sub(1);
-                if self.in_flight == 0 {
+                self.in_flight.pop_front();
+                if self.in_flight.is_empty() {
                     self.job = None;
                     self.download = None;
                 }
             }
+        }
+    }
+}
+
+impl AppState {
+    /// Drops what a cancelled or failed edit left: its preview and its maps, so the canvas and
+    /// the overlay show the last finished result again.
+    fn discard_running_edit(&mut self) {
+        if self.preview.take().is_some() {
+            self.image_revision += 1;
+        }
+        if let Some(kept) = self.kept_attention.take() {
+            self.attention = kept;
+            self.attention_revision += 1;
         }
     }
 }
@@ -616,13 +746,15 @@ mod tests {
     fn progress_resets_the_stage_clock_and_the_last_idle_ends_the_job() {
         let mut state = AppState::new(Persisted::default());
         state.job = Some(JobState::new("edit"));
-        state.in_flight = 2;
-        state.apply(Event::Progress {
-            stage: "invert".into(),
-            step: 2,
-            total: 4,
-            loss: None,
-        });
+        state.in_flight = ["open", "edit"].into();
+        for step in 1..=2 {
+            state.apply(Event::Progress {
+                stage: "invert".into(),
+                step,
+                total: 4,
+                loss: None,
+            });
+        }
         let job = state.job.as_ref().unwrap();
         assert_eq!((job.stage.as_str(), job.step, job.total), ("invert", 2, 4));
         assert!(job.time_left().is_some());
@@ -631,6 +763,135 @@ mod tests {
         assert!(state.busy());
         state.apply(Event::Idle);
         assert!(!state.busy());
+    }
+
+    fn step_maps(index: usize, value: f32) -> StepAttention {
+        StepAttention {
+            index,
+            total: 2,
+            timestep: 900 - index,
+            grids: vec![crate::worker::AttentionGrid {
+                height: 1,
+                width: 1,
+                layers: 1,
+                tokens: 1,
+                reference: vec![value],
+                edited: None,
+            }],
+        }
+    }
+
+    fn progress(step: usize) -> Event {
+        Event::Progress {
+            stage: "edit".into(),
+            step,
+            total: 10,
+            loss: None,
+        }
+    }
+
+    #[test]
+    fn a_replaced_edits_progress_and_previews_are_not_shown() {
+        let mut state = AppState::new(Persisted::default());
+        // Edit A runs; the user moved a slider, so edit B waits behind it.
+        state.in_flight = ["edit", "edit"].into();
+        state.job = Some(JobState::new("edit"));
+        state.apply(progress(4));
+        state.apply(Event::Preview {
+            step: 4,
+            image: image::RgbImage::new(2, 2),
+        });
+        assert_eq!(state.job.as_ref().unwrap().step, 0, "A's step 4 is not B's");
+        assert!(state.preview.is_none());
+        state.apply(Event::Cancelled);
+        assert!(
+            state.notices.is_empty(),
+            "a restart is not the user's cancel"
+        );
+        state.apply(Event::Idle);
+        // Now B runs, and its progress shows.
+        state.apply(progress(1));
+        assert_eq!(state.job.as_ref().unwrap().step, 1);
+    }
+
+    #[test]
+    fn a_cancelled_edit_leaves_the_maps_of_the_image_shown() {
+        let mut state = AppState::new(Persisted::default());
+        state.in_flight = ["edit"].into();
+        for i in 0..2 {
+            state.apply(Event::Attention(step_maps(i, 0.25)));
+        }
+        let finished = state.attention.clone();
+        state.apply(Event::Edited(crate::worker::EditResult {
+            image: image::RgbImage::new(2, 2),
+            reconstruction: None,
+            inverted: true,
+            reused_reference: false,
+            losses: vec![0.0, 0.0],
+            elapsed: Duration::from_secs(1),
+            record: serde_json::json!({}),
+        }));
+        state.apply(Event::Idle);
+        // A re-edit starts, shows its first step live, and is cancelled.
+        state.in_flight = ["edit"].into();
+        state.apply(Event::Attention(step_maps(0, 0.75)));
+        assert_eq!(
+            state.attention,
+            vec![step_maps(0, 0.75)],
+            "live maps while it runs"
+        );
+        let revision = state.attention_revision;
+        state.apply(Event::Cancelled);
+        assert_eq!(
+            state.attention, finished,
+            "the finished result's maps are back"
+        );
+        assert!(state.attention_revision > revision, "the overlay redraws");
+        assert!(state
+            .notices
+            .last()
+            .unwrap()
+            .text
+            .contains("result is kept"));
+    }
+
+    #[test]
+    fn the_overlay_token_follows_its_word_into_a_new_caption() {
+        let mut state = AppState::new(Persisted::default());
+        let tokens = |caption: &str| -> (String, Vec<String>) {
+            let mut tokens = vec!["<|startoftext|>".to_string()];
+            tokens.extend(caption.split(' ').map(|w| format!("{w}</w>")));
+            tokens.push("<|endoftext|>".into());
+            (caption.to_string(), tokens)
+        };
+        state.caption = "a cat on a sofa".into();
+        state.tokens = tokens(&state.caption);
+        assert_eq!(state.overlay_token(), Some(2), "the source word by default");
+        state.persisted.overlay.token_word = "sofa".into();
+        assert_eq!(state.overlay_token(), Some(5));
+        state.caption = "a small cat on a big sofa".into();
+        state.tokens = tokens(&state.caption);
+        assert_eq!(state.overlay_token(), Some(7), "still the sofa");
+        state.caption = "a cat".into();
+        assert_eq!(
+            state.overlay_token(),
+            None,
+            "no tokens for this caption yet"
+        );
+    }
+
+    #[test]
+    fn time_left_comes_from_step_times_and_is_not_shown_while_stopping() {
+        let mut job = JobState::new("edit");
+        assert!(job.time_left().is_none(), "no step timed yet");
+        for step in 1..=3 {
+            std::thread::sleep(Duration::from_millis(5));
+            job.report("edit".into(), step, 10, None);
+        }
+        let left = job.time_left().unwrap();
+        assert!(left >= Duration::from_millis(5 * 7), "{left:?}");
+        job.cancelling = true;
+        assert!(job.time_left().is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use pix2pix_zero::app::heatmap::MapView;
 use pix2pix_zero::app::state::{CompareMode, ThemeChoice};
 use pix2pix_zero::app::{self, AppOptions};
+use pix2pix_zero::worker::WorkerConfig;
 
 /// Arguments of `p2pz gui`.
 #[derive(Debug, Default, Args)]
@@ -58,6 +59,10 @@ pub struct GuiArgs {
     /// quit. Prints the UI frame time measured while the worker ran.
     #[arg(long)]
     screenshot: Option<PathBuf>,
+    /// Write a JSON picture of the app's state (settings, job, result, messages, where the main
+    /// widgets are) to this file whenever it changes, for scripted checks of the real window.
+    #[arg(long)]
+    state_dump: Option<PathBuf>,
     /// Run on the CPU even when a GPU is available.
     #[arg(long)]
     cpu: bool,
@@ -89,7 +94,7 @@ enum ThemeArg {
 
 /// Runs `p2pz gui`.
 pub fn run(args: GuiArgs) -> Result<()> {
-    let mut worker = app::default_worker_config(args.cpu);
+    let mut worker = WorkerConfig::for_user(args.cpu);
     if let Some(captioner) = args.captioner {
         worker.captioner = captioner;
     }
@@ -122,5 +127,6 @@ pub fn run(args: GuiArgs) -> Result<()> {
         ThemeArg::Light => ThemeChoice::Light,
     });
     options.screenshot = args.screenshot;
+    options.state_dump = args.state_dump;
     app::run(options)
 }

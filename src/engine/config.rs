@@ -17,8 +17,8 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::MissingFile {
             path: path.to_path_buf(),
-            hint: "every diffusers model folder has one; download the model again or pass \
-                   --model with a complete folder"
+            hint: "every diffusers model folder has one; download the model again, or use a \
+                   complete diffusers-format folder"
                 .into(),
         },
         _ => Error::Io(e),

@@ -140,7 +140,7 @@ fn weights(root: &Path, component: &str, names: &[&str]) -> Result<PathBuf> {
     let hint = if has_bin {
         format!(
             "only PyTorch .bin weights are in `{}`; save the model with safetensors \
-             (diffusers' save_pretrained(..., safe_serialization=True)) and point --model at it",
+             (diffusers' save_pretrained(..., safe_serialization=True)) and load that folder",
             dir.display()
         )
     } else {

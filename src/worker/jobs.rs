@@ -13,9 +13,9 @@ use candle_core::{Device, Tensor};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::attention::reduce_step;
+use super::export::{export, LastEdit};
 use super::{
-    Command, EditRequest, EditResult, Event, ExportFormat, ExportRequest, ModelInfo, OpenedImage,
-    WorkerConfig,
+    Command, EditRequest, EditResult, Event, ExportRequest, ModelInfo, OpenedImage, WorkerConfig,
 };
 use crate::edit::caption::Captioner;
 use crate::edit::direction::{self, EmbeddingCache};
@@ -30,7 +30,6 @@ use crate::engine::generate::latent_to_rgb;
 use crate::engine::source::{self, DownloadProgress};
 use crate::engine::vae::LatentDraw;
 use crate::engine::{self, Error as EngineError, StableDiffusion};
-use crate::export::{encode_png, same_file, write_atomically};
 
 /// Sends events and wakes the app after each.
 pub(super) struct Outbox {
@@ -61,7 +60,11 @@ pub(super) fn run(
         // Of several queued edits (a slider being scrubbed) only the newest matters.
         while matches!(command, Command::Edit(_)) {
             match commands.try_recv() {
-                Ok(Command::Edit(newer)) => command = Command::Edit(newer),
+                Ok(Command::Edit(newer)) => {
+                    // The replaced edit is answered all the same: one Idle per command.
+                    outbox.send(Event::Idle);
+                    command = Command::Edit(newer);
+                }
                 Ok(other) => {
                     state.handle_safely(command, &outbox, &cancel);
                     command = other;
@@ -81,14 +84,6 @@ struct Photo {
     path: PathBuf,
     size: usize,
     image: WorkingImage,
-}
-
-/// What the last edit left for export.
-struct LastEdit {
-    image: image::RgbImage,
-    original_size: (u32, u32),
-    source: PathBuf,
-    record: serde_json::Value,
 }
 
 /// Everything the worker owns.
@@ -216,7 +211,7 @@ impl State {
                 let downloadable = matches!(error, EngineError::NotCached { .. });
                 outbox.send(Event::ModelMissing {
                     spec: spec.to_string(),
-                    message: error.to_string(),
+                    message: model_problem(&error),
                     downloadable,
                 });
                 return Ok(());
@@ -246,7 +241,14 @@ impl State {
         self.directions.clear();
         self.model = Some(model);
         outbox.send(Event::ModelReady(info));
+        self.send_known_words(outbox);
         Ok(())
+    }
+
+    /// Tells the app which words have cached embeddings.
+    fn send_known_words(&self, outbox: &Outbox) {
+        let cache = EmbeddingCache::new(self.config.embedding_cache.clone());
+        outbox.send(Event::KnownWords(cache.cached_words()));
     }
 
     fn working_side(&self, size: Option<usize>) -> usize {
@@ -254,23 +256,30 @@ impl State {
             .unwrap_or(photo::DEFAULT_WORKING_SIZE)
     }
 
+    /// Opens a new photo: the last photo's session and result are dropped.
     fn open(&mut self, path: &Path, size: Option<usize>, outbox: &Outbox) -> Result<()> {
-        let side = self.working_side(size);
+        let opened = self.read_photo(path, self.working_side(size))?;
+        self.last = None;
+        outbox.send(Event::Opened(opened));
+        Ok(())
+    }
+
+    /// Reads `path` at working side `side` as the open photo; the session, made at another
+    /// size or of another photo, is dropped.
+    fn read_photo(&mut self, path: &Path, side: usize) -> Result<OpenedImage> {
         let image = photo::load(path, side)?;
+        let opened = OpenedImage {
+            path: path.to_path_buf(),
+            original_size: image.original_size,
+            working: image.pixels.clone(),
+        };
         self.photo = Some(Photo {
             path: path.to_path_buf(),
             size: side,
             image,
         });
         self.session = None;
-        self.last = None;
-        let photo = self.photo.as_ref().expect("just set");
-        outbox.send(Event::Opened(OpenedImage {
-            path: path.to_path_buf(),
-            original_size: photo.image.original_size,
-            working: photo.image.pixels.clone(),
-        }));
-        Ok(())
+        Ok(opened)
     }
 
     fn caption(&mut self, allow_download: bool, outbox: &Outbox) -> Result<()> {
@@ -331,10 +340,11 @@ impl State {
         cancel: &AtomicBool,
     ) -> Result<bool> {
         let side = self.working_side(request.size);
-        let reopen = self.photo.as_ref().is_some_and(|p| p.size != side);
-        if reopen {
-            let path = self.photo.as_ref().expect("checked").path.clone();
-            self.open(&path, Some(side), outbox)?;
+        let resized = self.photo.as_ref().filter(|p| p.size != side);
+        if let Some(path) = resized.map(|p| p.path.clone()) {
+            // The same photo at another size: the user's caption, words and last result stay.
+            let opened = self.read_photo(&path, side)?;
+            outbox.send(Event::Resized(opened));
         }
         let model = self.model.as_ref().context("no model is loaded")?;
         let Some(photo) = &self.photo else {
@@ -396,6 +406,12 @@ impl State {
                 "the source and target words are both `{from}`: an edit needs two different words"
             );
         }
+        outbox.send(Event::Progress {
+            stage: "direction".into(),
+            step: 0,
+            total: 2,
+            loss: None,
+        });
         let cache = EmbeddingCache::new(self.config.embedding_cache.clone());
         let mut means = Vec::with_capacity(2);
         for (i, word) in [from, to].into_iter().enumerate() {
@@ -463,6 +479,7 @@ impl State {
             "steps": session.header.steps,
             "source": session.header.source,
             "edit": request.settings,
+            "working_side": photo.size,
             "sentences": self.config.sentences,
             "inverted": inverted,
             "reused_reference": outcome.reused_reference,
@@ -482,6 +499,7 @@ impl State {
             elapsed: start.elapsed(),
             record,
         }));
+        self.send_known_words(outbox);
         Ok(())
     }
 
@@ -557,107 +575,31 @@ impl EditObserver for StepEvents<'_> {
     }
 }
 
+/// What is wrong with a model the user named, in the app's words: where we looked, not which
+/// command-line flag to pass (the Model panel says what to do).
+fn model_problem(error: &EngineError) -> String {
+    match error {
+        EngineError::MissingFolder(path) => format!("`{}` does not exist.", path.display()),
+        EngineError::NotCached { repo, looked_in } => {
+            format!("`{repo}` is not in the Hugging Face cache (looked in {looked_in}).")
+        }
+        EngineError::Download {
+            repo,
+            file,
+            message,
+        } => format!(
+            "could not download `{file}` of `{repo}`: {message}. Check the network and the repo id."
+        ),
+        other => other.to_string(),
+    }
+}
+
 fn describe(device: &Device) -> String {
     match device {
         Device::Cpu => "CPU".into(),
         Device::Cuda(_) => "CUDA GPU".into(),
         Device::Metal(_) => "Metal GPU".into(),
     }
-}
-
-/// Encodes `image` in `format`; PNG carries `record` in an `iTXt` chunk.
-fn encode(
-    image: &image::RgbImage,
-    format: ExportFormat,
-    record: &serde_json::Value,
-) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    match format {
-        ExportFormat::Png => return encode_png(image, &[("p2pz", record.to_string())]),
-        ExportFormat::Jpeg => {
-            let encoder =
-                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, JPEG_QUALITY);
-            image.write_with_encoder(encoder)?;
-        }
-        ExportFormat::WebP => {
-            let encoder = image::codecs::webp::WebPEncoder::new_lossless(&mut bytes);
-            image.write_with_encoder(encoder)?;
-        }
-    }
-    Ok(bytes)
-}
-
-/// JPEG quality of exports: visually lossless for photos.
-const JPEG_QUALITY: u8 = 95;
-
-/// Writes the edited image at the photo's original size, its JSON sidecar, and optionally the
-/// overlay and the attention maps. Refuses to write over the source, and over any existing file
-/// unless the request allows it.
-fn export(last: &LastEdit, request: &ExportRequest) -> Result<Vec<PathBuf>> {
-    let path = &request.path;
-    if same_file(path, &last.source) {
-        bail!(
-            "`{}` is the photo being edited: choose another name, the source is never overwritten",
-            path.display()
-        );
-    }
-    if path.exists() && !request.overwrite {
-        bail!(
-            "`{}` exists: confirm the overwrite or choose another name",
-            path.display()
-        );
-    }
-    let mut written = Vec::new();
-    let image = photo::to_original_size(&last.image, last.original_size);
-    write_atomically(path, &encode(&image, request.format, &last.record)?)
-        .with_context(|| format!("exporting `{}`", path.display()))?;
-    written.push(path.clone());
-    let sidecar = path.with_extension("json");
-    write_atomically(
-        &sidecar,
-        serde_json::to_string_pretty(&last.record)?.as_bytes(),
-    )?;
-    written.push(sidecar);
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "export".into());
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if let Some(overlay) = &request.overlay {
-        let overlay = photo::to_original_size(overlay, last.original_size);
-        let overlay_path = dir.join(format!("{stem}-overlay.png"));
-        write_atomically(
-            &overlay_path,
-            &encode_png(&overlay, &[("p2pz", last.record.to_string())])?,
-        )?;
-        written.push(overlay_path);
-    }
-    if !request.maps.is_empty() {
-        let maps_dir = dir.join(format!("{stem}-attention"));
-        std::fs::create_dir_all(&maps_dir)
-            .with_context(|| format!("creating `{}`", maps_dir.display()))?;
-        for (i, (label, map)) in request.maps.iter().enumerate() {
-            let name = format!("{i:02}-{}.png", file_safe(label));
-            let map_path = maps_dir.join(name);
-            let mut bytes = Vec::new();
-            map.write_to(
-                &mut std::io::Cursor::new(&mut bytes),
-                image::ImageFormat::Png,
-            )?;
-            write_atomically(&map_path, &bytes)?;
-            written.push(map_path);
-        }
-    }
-    Ok(written)
-}
-
-/// A token label made safe for a file name.
-fn file_safe(label: &str) -> String {
-    let cleaned: String = label
-        .chars()
-        .map(|c| if c.is_alphanumeric() { c } else { '_' })
-        .collect();
-    cleaned.trim_matches('_').to_string()
 }
 
 #[cfg(test)]
@@ -715,11 +657,5 @@ mod tests {
         state.guarded(&outbox, &slot, |_, _| Err(EngineError::Cancelled.into()));
         let events: Vec<Event> = rx.try_iter().collect();
         assert!(matches!(events[0], Event::Cancelled), "{events:?}");
-    }
-
-    #[test]
-    fn file_safe_names_keep_letters_only() {
-        assert_eq!(file_safe("<|startoftext|>"), "startoftext");
-        assert_eq!(file_safe("cat</w>"), "cat__w");
     }
 }

@@ -17,9 +17,16 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::edit::direction::EmbeddingCache;
 use crate::edit::EditSettings;
-use crate::engine::source::ResolveOptions;
+use crate::engine::source::{self, ResolveOptions};
 pub use attention::{AttentionGrid, StepAttention};
+pub use export::{export_targets, ExportFormat};
+
+mod export;
+
+/// The model the editor looks for when the user has not chosen one: the paper's.
+pub const DEFAULT_MODEL: &str = source::DEFAULT_MODEL;
 
 /// How the worker finds its models and caches.
 #[derive(Debug, Clone)]
@@ -37,6 +44,22 @@ pub struct WorkerConfig {
     pub cpu: bool,
     /// Decode a preview of the predicted clean image every this many edit steps (0: never).
     pub preview_every: usize,
+}
+
+impl WorkerConfig {
+    /// The configuration for a user's machine: BLIP and models from the Hugging Face cache
+    /// (`HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE` are honoured), embeddings in the user's
+    /// cache folder, the default sentence count, a preview every 5 steps.
+    pub fn for_user(cpu: bool) -> Self {
+        Self {
+            captioner: crate::edit::caption::DEFAULT_CAPTIONER.to_string(),
+            embedding_cache: EmbeddingCache::default_location().dir().to_path_buf(),
+            sentences: crate::edit::sentences::DEFAULT_SENTENCES,
+            resolve: ResolveOptions::from_env(),
+            cpu,
+            preview_every: 5,
+        }
+    }
 }
 
 /// Everything the app can ask of the worker.
@@ -76,6 +99,22 @@ pub enum Command {
     Shutdown,
 }
 
+impl Command {
+    /// A short name of what the command does ("model", "open", "caption", "tokenize", "edit",
+    /// "export", "shutdown"), for progress displays and bookkeeping.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::LoadModel { .. } => "model",
+            Command::Open { .. } => "open",
+            Command::Caption { .. } => "caption",
+            Command::Tokenize { .. } => "tokenize",
+            Command::Edit(_) => "edit",
+            Command::Export(_) => "export",
+            Command::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// One edit of the open photo.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditRequest {
@@ -98,31 +137,6 @@ pub struct EditRequest {
     pub direction: Option<PathBuf>,
 }
 
-/// Image formats an export can take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum ExportFormat {
-    /// Lossless, with the parameters in an `iTXt` chunk.
-    Png,
-    /// Quality 95.
-    Jpeg,
-    /// Lossless WebP.
-    WebP,
-}
-
-impl ExportFormat {
-    /// Every format, for pickers.
-    pub const ALL: [ExportFormat; 3] = [ExportFormat::Png, ExportFormat::Jpeg, ExportFormat::WebP];
-
-    /// The file extension.
-    pub fn extension(self) -> &'static str {
-        match self {
-            ExportFormat::Png => "png",
-            ExportFormat::Jpeg => "jpg",
-            ExportFormat::WebP => "webp",
-        }
-    }
-}
-
 /// What to write on export.
 #[derive(Debug, Clone)]
 pub struct ExportRequest {
@@ -132,9 +146,10 @@ pub struct ExportRequest {
     pub format: ExportFormat,
     /// Whether an existing file may be replaced (the app asked the user).
     pub overwrite: bool,
-    /// The overlay as shown (working size, RGB), written as `<stem>-overlay.png`.
+    /// The overlay as shown (any size, RGB; written at the photo's size) as `<stem>-overlay.png`.
     pub overlay: Option<image::RgbImage>,
-    /// Attention maps by token label (working size, gray), written into `<stem>-attention/`.
+    /// Attention maps by token label (gray, at the photo's size), written into
+    /// `<stem>-attention/`.
     pub maps: Vec<(String, image::GrayImage)>,
 }
 
@@ -200,17 +215,23 @@ pub enum Event {
     },
     /// The model is ready.
     ModelReady(ModelInfo),
-    /// The model could not be found or loaded; `message` says where we looked and what to do.
+    /// The model could not be found or loaded; `message` says what was wrong and where we
+    /// looked, in the app's words (the Model panel gives the fix).
     ModelMissing {
         /// Folder or repo id.
         spec: String,
-        /// What went wrong and the fix.
+        /// What went wrong and where we looked.
         message: String,
         /// Whether downloading it would help (a repo id that is not cached).
         downloadable: bool,
     },
-    /// A photo was opened.
+    /// A photo was opened: a new photo, so the previous one's caption and results are void.
     Opened(OpenedImage),
+    /// The open photo was read again at another working size (an edit asked for a new size).
+    /// Nothing the user set changes, and the last result stays until a new one replaces it.
+    Resized(OpenedImage),
+    /// Words whose mean sentence embedding is cached, offered as targets.
+    KnownWords(Vec<String>),
     /// BLIP captioned the photo.
     Captioned {
         /// The caption.
@@ -262,7 +283,8 @@ pub enum Event {
         /// What went wrong and the fix.
         message: String,
     },
-    /// The worker finished a command and waits for the next.
+    /// The worker finished a command and waits for the next. Every command sent is answered by
+    /// exactly one `Idle`, including an edit that a newer queued edit replaced before it ran.
     Idle,
 }
 

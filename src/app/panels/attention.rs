@@ -46,38 +46,40 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState) {
     ui.heading("Cross-attention");
     let source_word = state.persisted.from.trim().to_lowercase();
     let target_word = state.persisted.to.trim().to_string();
-    let tokens: Vec<String> = if state.tokens_current() {
-        state.tokens.1.clone()
-    } else {
-        vec![]
-    };
+    let labels: Vec<String> = state
+        .current_tokens()
+        .iter()
+        .map(|t| token_label(t))
+        .collect();
+    let chosen = state.overlay_token();
     let steps = state.attention.len();
-    let resolutions: Vec<usize> = state
+    // (rows, columns) of each resolution the UNet attends at, largest first.
+    let resolutions: Vec<(usize, usize)> = state
         .attention
         .last()
-        .map(|s| s.grids.iter().map(|g| g.height).collect())
+        .map(|s| s.grids.iter().map(|g| (g.height, g.width)).collect())
         .unwrap_or_default();
     let o = &mut state.persisted.overlay;
     ui.checkbox(&mut o.enabled, "Show overlay");
     egui::Grid::new("attention").num_columns(2).show(ui, |ui| {
         let label = ui.label("Token");
+        let view = o.view;
         let name = |i: usize| -> String {
-            let Some(t) = tokens.get(i) else {
-                return format!("#{i}");
-            };
-            let shown = token_label(t);
-            if shown == source_word && o.view != MapView::Reference {
+            let shown = &labels[i];
+            if *shown == source_word && view != MapView::Reference {
                 format!("{i}: {shown} -> {target_word}")
             } else {
                 format!("{i}: {shown}")
             }
         };
-        let selected = name(o.token);
+        let selected = chosen.map(name).unwrap_or_else(|| "no caption yet".into());
         egui::ComboBox::from_id_salt("token")
             .selected_text(selected)
             .show_ui(ui, |ui| {
-                for i in 0..tokens.len() {
-                    ui.selectable_value(&mut o.token, i, name(i));
+                for (i, label) in labels.iter().enumerate() {
+                    if ui.selectable_label(chosen == Some(i), name(i)).clicked() {
+                        o.token_word = label.clone();
+                    }
                 }
             })
             .response
@@ -116,9 +118,13 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState) {
         ui.end_row();
 
         let label = ui.label("Resolution");
+        // Latent grids are written columns × rows, as image sizes are.
         let shown = |r: &ResolutionFilter| match r {
             ResolutionFilter::All => "all layers".to_string(),
-            ResolutionFilter::Rows(n) => format!("{n}×{n} layers"),
+            ResolutionFilter::Rows(n) => match resolutions.iter().find(|(rows, _)| rows == n) {
+                Some((rows, columns)) => format!("{columns}×{rows} layers"),
+                None => format!("{n} rows"),
+            },
         };
         egui::ComboBox::from_id_salt("resolution")
             .selected_text(shown(&o.resolution))
@@ -128,7 +134,7 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState) {
                     ResolutionFilter::All,
                     shown(&ResolutionFilter::All),
                 );
-                for &rows in &resolutions {
+                for &(rows, _) in &resolutions {
                     let r = ResolutionFilter::Rows(rows);
                     ui.selectable_value(&mut o.resolution, r, shown(&r));
                 }

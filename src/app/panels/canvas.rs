@@ -93,9 +93,10 @@ impl CanvasView {
     /// The heat map the overlay shows now, cached until its selection changes.
     pub fn heat_map(&mut self, state: &AppState) -> Option<Arc<HeatMap>> {
         let o = &state.persisted.overlay;
+        let token = state.overlay_token()?;
         let key = HeatKey {
             attention_revision: state.attention_revision,
-            token: o.token,
+            token,
             step: o.step,
             view: o.view,
             resolution: o.resolution,
@@ -106,7 +107,7 @@ impl CanvasView {
             }
         }
         let step = state.overlay_step()?;
-        let raw = heatmap::raw_map(step, o.token, o.view, o.resolution)?;
+        let raw = heatmap::raw_map(step, token, o.view, o.resolution)?;
         let map = Arc::new(heatmap::normalise(raw, o.view));
         self.heat_revisions += 1;
         self.heat = Some((key, map.clone(), self.heat_revisions));
@@ -138,7 +139,7 @@ impl CanvasView {
         ))
     }
 
-    /// One gray map per caption token at working size (for export).
+    /// One gray map per caption token at the photo's own size, like the exported edit.
     pub fn token_maps(&self, state: &AppState) -> Vec<(String, image::GrayImage)> {
         let Some(photo) = &state.photo else {
             return vec![];
@@ -146,11 +147,10 @@ impl CanvasView {
         let Some(step) = state.overlay_step() else {
             return vec![];
         };
-        let (w, h) = photo.working.dimensions();
+        let (w, h) = photo.original_size;
         let o = &state.persisted.overlay;
         state
-            .tokens
-            .1
+            .current_tokens()
             .iter()
             .enumerate()
             .filter_map(|(i, token)| {
@@ -172,7 +172,13 @@ impl CanvasView {
             });
             return;
         };
-        let image_size = egui::vec2(base.width() as f32, base.height() as f32);
+        // Every view is drawn at the photo's own shape: the working image's sides are rounded
+        // to multiples of 64, which would stretch it. "Actual pixels" keeps the working width.
+        let (ow, oh) = state.photo.as_ref().map_or((1, 1), |p| p.original_size);
+        let image_size = egui::vec2(
+            base.width() as f32,
+            base.width() as f32 * oh as f32 / ow as f32,
+        );
         // Room under the image for the colour legend.
         let available = ui.available_size() - egui::vec2(0.0, 24.0);
         let scale = if self.actual_size {
@@ -269,10 +275,9 @@ impl CanvasView {
             painter.rect_filled(cell, 0.0, egui::Color32::from_rgb(r, g, b));
         }
         let text = format!(
-            "{} attention: {:.3} to {:.3}",
+            "{} attention: {}",
             state.persisted.overlay.view.label(),
-            map.low,
-            map.high
+            heatmap::range_label(map.low, map.high)
         );
         painter.text(
             egui::pos2(strip.right() + 8.0, strip.center().y),
@@ -311,6 +316,25 @@ impl CanvasView {
             rect.y_range(),
             egui::Stroke::new(2.0, egui::Color32::WHITE),
         );
+        // Which side is which, as labels a screen reader (and a test) can find.
+        let tag = egui::vec2(76.0, 22.0);
+        let inset = egui::vec2(8.0, 8.0);
+        let corners = [
+            ("Original", rect.left_top() + inset),
+            (
+                "Edited",
+                rect.right_top() + egui::vec2(-inset.x - tag.x, inset.y),
+            ),
+        ];
+        for (text, corner) in corners {
+            let text = egui::RichText::new(text)
+                .color(egui::Color32::WHITE)
+                .background_color(egui::Color32::from_black_alpha(160));
+            ui.put(
+                egui::Rect::from_min_size(corner, tag),
+                egui::Label::new(text),
+            );
+        }
         if let Some(pos) = response.interact_pointer_pos() {
             if response.dragged() || response.clicked() {
                 let at = ((pos.x - rect.left()) / rect.width()).clamp(0.0, 1.0);

@@ -2,6 +2,7 @@
 //! overwrite confirmation.
 
 use crate::app::commands::AppCommand;
+use crate::app::dump::mark;
 use crate::app::state::AppState;
 use crate::worker::ExportFormat;
 
@@ -11,7 +12,8 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
     let label = ui.label("Export path");
     let field =
         egui::TextEdit::singleline(&mut state.export.path).desired_width(ui.available_width());
-    ui.add(field).labelled_by(label.id);
+    let response = ui.add(field).labelled_by(label.id);
+    mark(ui, "Export path", &response);
     if ui.button("Choose…").clicked() {
         commands.push(AppCommand::PickExportPath);
     }
@@ -37,23 +39,39 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
         &mut state.export.maps,
         "Also export attention maps (one per token)",
     );
-    if state.export.confirm_overwrite {
-        ui.colored_label(ui.visuals().warn_fg_color, "That file exists.");
+    if !state.export.confirm_overwrite.is_empty() {
+        let existing = &state.export.confirm_overwrite;
+        let what = match existing.len() {
+            1 => "This file exists:".to_string(),
+            n => format!("These {n} files exist:"),
+        };
+        ui.colored_label(ui.visuals().warn_fg_color, what);
+        const LISTED: usize = 4;
+        for path in existing.iter().take(LISTED) {
+            let name = path.file_name().unwrap_or(path.as_os_str());
+            ui.weak(name.to_string_lossy())
+                .on_hover_text(path.display().to_string());
+        }
+        if existing.len() > LISTED {
+            ui.weak(format!("and {} more", existing.len() - LISTED));
+        }
         ui.horizontal(|ui| {
-            if ui.button("Overwrite").clicked() {
+            let overwrite = ui.button("Overwrite");
+            mark(ui, "Overwrite", &overwrite);
+            if overwrite.clicked() {
                 commands.push(AppCommand::Export { overwrite: true });
             }
-            if ui.button("Keep it").clicked() {
-                state.export.confirm_overwrite = false;
+            if ui.button("Keep existing").clicked() {
+                state.export.confirm_overwrite.clear();
             }
         });
     } else {
         let ready = state.result.is_some();
-        if ui
+        let export = ui
             .add_enabled(ready, egui::Button::new("Export"))
-            .on_hover_text("Ctrl+S; PNG carries the parameters, a .json sidecar too")
-            .clicked()
-        {
+            .on_hover_text("Ctrl+S; PNG carries the parameters, a .json sidecar too");
+        mark(ui, "Export", &export);
+        if export.clicked() {
             commands.push(AppCommand::Export { overwrite: false });
         }
     }

@@ -57,15 +57,22 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
                 .show(ui, |ui| {
                     ui.colored_label(ui.visuals().error_fg_color, "Model weights not found");
                     ui.label(message);
-                    ui.label(
-                        "Point the Model field at a diffusers-format folder (model_index.json, \
-                         unet/, vae/, text_encoder/, tokenizer/, scheduler/), or give a Hugging \
-                         Face repo id such as CompVis/stable-diffusion-v1-4.",
-                    );
-                    if downloadable && ui.button(format!("Download {spec}")).clicked() {
-                        commands.push(AppCommand::LoadModel {
-                            allow_download: true,
-                        });
+                    if downloadable {
+                        ui.label(
+                            "Download it, or type a diffusers-format folder in the Model field.",
+                        );
+                        if ui.button(format!("Download {spec}")).clicked() {
+                            commands.push(AppCommand::LoadModel {
+                                allow_download: true,
+                            });
+                        }
+                    } else {
+                        ui.label(
+                            "Type a diffusers-format folder (one holding model_index.json, unet/, \
+                             vae/, text_encoder/, tokenizer/ and scheduler/) or a Hugging Face \
+                             repo id such as CompVis/stable-diffusion-v1-4 in the Model field, or \
+                             pick a folder with Folder….",
+                        );
                     }
                 });
         }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::app::commands::AppCommand;
+use crate::app::dump::mark;
 use crate::app::state::AppState;
 
 /// Draws the panel.
@@ -13,6 +14,7 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
         .hint_text("path of a PNG, JPEG or WebP")
         .desired_width(ui.available_width());
     let response = ui.add(field).labelled_by(label.id);
+    mark(ui, "Image path", &response);
     let entered = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
     ui.horizontal(|ui| {
         if ui.button("Open").clicked() || entered {

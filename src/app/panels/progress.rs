@@ -1,7 +1,44 @@
 //! The status bar: stage and step, time left, loss, Cancel, messages and the UI frame time.
 
 use crate::app::commands::AppCommand;
-use crate::app::state::{AppState, FrameStats};
+use crate::app::state::{AppState, FrameStats, JobState};
+
+/// What a job is doing, in words: its stage and step, the time left and the loss.
+pub fn job_text(job: &JobState, steps: usize) -> String {
+    if job.stage.is_empty() {
+        let what = match job.kind {
+            "edit" => "edit",
+            "open" => "opening the photo",
+            "model" => "loading the model",
+            "caption" => "captioning",
+            "export" => "exporting",
+            other => other,
+        };
+        return format!("{what}: starting…");
+    }
+    let stage = match job.stage.as_str() {
+        "invert" if job.total + 2 == steps => {
+            "inverting (two steps fewer than Steps: the authors' schedule)".to_string()
+        }
+        "invert" => "inverting".to_string(),
+        "direction" => "edit direction".to_string(),
+        "reference + edit" => "reference and edited passes".to_string(),
+        "edit" => "edited pass".to_string(),
+        "decode" => "decoding".to_string(),
+        other => other.to_string(),
+    };
+    let mut text = format!("{stage}: step {}/{}", job.step, job.total);
+    if let Some(left) = job.time_left() {
+        text.push_str(&format!(", {:.1} s left", left.as_secs_f64()));
+    }
+    if let Some(loss) = job.loss {
+        text.push_str(&format!(", loss {loss:.4}"));
+    }
+    if job.cancelling {
+        text.push_str(" (stopping…)");
+    }
+    text
+}
 
 /// Draws the panel.
 pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppCommand>) {
@@ -13,19 +50,13 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
                 } else {
                     0.0
                 };
-                let mut text = format!("{}: step {}/{}", job.stage, job.step, job.total);
-                if let Some(left) = job.time_left() {
-                    text.push_str(&format!(", {:.1} s left", left.as_secs_f64()));
-                }
-                if let Some(loss) = job.loss {
-                    text.push_str(&format!(", loss {loss:.4}"));
-                }
-                if job.cancelling {
-                    text.push_str(" (stopping…)");
+                let text = job_text(job, state.persisted.sliders.steps);
+                if job.stage.is_empty() {
+                    ui.spinner();
                 }
                 ui.add(
                     egui::ProgressBar::new(fraction)
-                        .desired_width(320.0)
+                        .desired_width(420.0)
                         .text(text),
                 );
                 if ui
@@ -54,5 +85,20 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
             ui.visuals().weak_text_color()
         };
         ui.colored_label(colour, notice.text.as_str());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_says_what_it_does_before_its_first_step_and_why_inversion_is_shorter() {
+        let mut job = JobState::new("edit");
+        assert_eq!(job_text(&job, 15), "edit: starting…");
+        job.report("invert".into(), 3, 13, None);
+        let text = job_text(&job, 15);
+        assert!(text.starts_with("inverting (two steps fewer"), "{text}");
+        assert!(text.contains("step 3/13"), "{text}");
     }
 }

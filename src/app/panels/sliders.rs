@@ -2,10 +2,20 @@
 //! Run button. Moving λ_xa, strength or CFG after an edit re-runs only the edited pass.
 
 use crate::app::commands::AppCommand;
+use crate::app::dump::mark;
 use crate::app::state::AppState;
 
 /// Working sizes offered besides the model's default.
 const SIZES: [usize; 5] = [256, 384, 512, 640, 768];
+
+/// The names the size choices are marked by in the state dump.
+const SIZE_MARKS: [&str; 5] = [
+    "size: 256",
+    "size: 384",
+    "size: 512",
+    "size: 640",
+    "size: 768",
+];
 
 /// What the next run will reuse, in words.
 pub fn cache_hint(state: &AppState) -> String {
@@ -13,21 +23,38 @@ pub fn cache_hint(state: &AppState) -> String {
         return "First run: inverts the photo, then runs the reference and edited passes.".into();
     };
     let r = &result.record;
-    let same_caption = r["caption"].as_str() == Some(state.caption.trim());
-    let same_steps = r["steps"].as_u64() == Some(state.persisted.sliders.steps as u64);
-    let same_seed = r["source"]["seed"].as_u64() == Some(state.persisted.sliders.seed);
-    if same_caption && same_steps && same_seed {
-        "Next run reuses the session cache: only the edited pass runs.".into()
-    } else {
-        "Caption, steps or seed changed: the next run inverts the photo again.".into()
+    let mut changed = vec![];
+    if r["caption"].as_str() != Some(state.caption.trim()) {
+        changed.push("caption");
+    }
+    if r["steps"].as_u64() != Some(state.persisted.sliders.steps as u64) {
+        changed.push("steps");
+    }
+    if r["source"]["seed"].as_u64() != Some(state.persisted.sliders.seed) {
+        changed.push("seed");
+    }
+    if r["working_side"].as_u64() != state.working_side().map(|s| s as u64) {
+        changed.push("working size");
+    }
+    match changed.as_slice() {
+        [] => "Next run reuses the session cache: only the edited pass runs.".into(),
+        [one] => format!("The {one} changed: the next run inverts the photo again."),
+        many => format!(
+            "The {} changed: the next run inverts the photo again.",
+            many.join(", ")
+        ),
     }
 }
 
 /// A labelled slider row of the grid; true when its value settled on a new one (a drag ended,
 /// or a value was typed or clicked), not on every frame of a drag.
-fn scrub_row(ui: &mut egui::Ui, label: &str, slider: egui::Slider<'_>, hint: &str) -> bool {
-    let label = ui.label(label);
-    let response = ui.add(slider).labelled_by(label.id).on_hover_text(hint);
+fn scrub_row(ui: &mut egui::Ui, label: &'static str, slider: egui::Slider<'_>, hint: &str) -> bool {
+    let label_response = ui.label(label);
+    let response = ui
+        .add(slider)
+        .labelled_by(label_response.id)
+        .on_hover_text(hint);
+    mark(ui, label, &response);
     ui.end_row();
     response.drag_stopped() || (response.changed() && !response.dragged())
 }
@@ -58,9 +85,14 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
             "classifier-free guidance of the edited pass",
         );
         let label = ui.label("Steps");
-        ui.add(egui::Slider::new(&mut s.steps, 2..=100))
+        let response = ui
+            .add(egui::Slider::new(&mut s.steps, 2..=100))
             .labelled_by(label.id)
-            .on_hover_text("DDIM steps; changing them inverts the photo again");
+            .on_hover_text(
+                "DDIM steps; changing them inverts the photo again. Inversion takes two steps \
+                 fewer (the authors' schedule)",
+            );
+        mark(ui, "Steps", &response);
         ui.end_row();
         let label = ui.label("Seed");
         ui.add(egui::DragValue::new(&mut s.seed))
@@ -72,16 +104,20 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
             Some(side) => format!("{side} px"),
             None => "model default".to_string(),
         };
-        egui::ComboBox::from_id_salt("working size")
+        let combo = egui::ComboBox::from_id_salt("working size")
             .selected_text(shown(size))
             .show_ui(ui, |ui| {
-                ui.selectable_value(size, None, shown(&None));
-                for side in SIZES {
-                    ui.selectable_value(size, Some(side), shown(&Some(side)));
+                let choice = ui.selectable_value(size, None, shown(&None));
+                mark(ui, "size: model default", &choice);
+                for (side, name) in SIZES.into_iter().zip(SIZE_MARKS) {
+                    let choice = ui.selectable_value(size, Some(side), shown(&Some(side)));
+                    mark(ui, name, &choice);
                 }
             })
             .response
-            .labelled_by(label.id);
+            .labelled_by(label.id)
+            .on_hover_text("long side the photo is edited at; results export at the photo's size");
+        mark(ui, "Working size", &combo);
         ui.end_row();
     });
     ui.weak(cache_hint(state));
@@ -95,11 +131,11 @@ pub fn run_row(ui: &mut egui::Ui, state: &AppState, commands: &mut Vec<AppComman
     ui.horizontal(|ui| {
         let run = egui::Button::new("Run edit").min_size(egui::vec2(120.0, 28.0));
         let editing = state.job.as_ref().is_some_and(|j| j.kind == "edit");
-        if ui
+        let response = ui
             .add_enabled(!state.busy() || editing, run)
-            .on_hover_text("Ctrl+Enter")
-            .clicked()
-        {
+            .on_hover_text("Ctrl+Enter");
+        mark(ui, "Run edit", &response);
+        if response.clicked() {
             commands.push(AppCommand::Run);
         }
         if ui

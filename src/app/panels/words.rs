@@ -2,6 +2,7 @@
 //! nouns as candidates, the target word with known words as suggestions, and a swap button.
 
 use crate::app::commands::AppCommand;
+use crate::app::dump::mark;
 use crate::app::state::AppState;
 
 /// Words of a caption that are not worth offering as the thing to change.
@@ -25,6 +26,15 @@ pub fn candidates(caption: &str) -> Vec<String> {
     out
 }
 
+/// Whether `word` is one of the caption's words (or its plural is).
+pub fn in_caption(caption: &str, word: &str) -> bool {
+    let word = word.trim().to_lowercase();
+    caption
+        .split(|c: char| !c.is_alphanumeric())
+        .map(str::to_lowercase)
+        .any(|w| w == word || w == format!("{word}s") || w == format!("{word}es"))
+}
+
 /// Draws the panel.
 pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppCommand>) {
     ui.heading("Caption");
@@ -33,7 +43,8 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
         .desired_rows(2)
         .desired_width(f32::INFINITY);
     let label = ui.label("Caption (conditions the inversion)");
-    ui.add(caption).labelled_by(label.id);
+    let response = ui.add(caption).labelled_by(label.id);
+    mark(ui, "Caption", &response);
     if let Some(note) = &state.caption_note {
         ui.weak(note.as_str());
     }
@@ -54,14 +65,31 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
     let p = &mut state.persisted;
     egui::Grid::new("words").num_columns(2).show(ui, |ui| {
         let label = ui.label("Source word");
-        ui.add(egui::TextEdit::singleline(&mut p.from).hint_text("in the photo"))
+        let response = ui
+            .add(egui::TextEdit::singleline(&mut p.from).hint_text("in the photo"))
             .labelled_by(label.id);
+        mark(ui, "Source word", &response);
         ui.end_row();
         let label = ui.label("Target word");
-        ui.add(egui::TextEdit::singleline(&mut p.to).hint_text("what it becomes"))
+        let response = ui
+            .add(egui::TextEdit::singleline(&mut p.to).hint_text("what it becomes"))
             .labelled_by(label.id);
+        mark(ui, "Target word", &response);
         ui.end_row();
     });
+    let from = state.persisted.from.trim();
+    let uses_words = state.persisted.direction_file.trim().is_empty();
+    let has_caption = !state.caption.trim().is_empty();
+    if uses_words && !from.is_empty() && has_caption && !in_caption(&state.caption, from) {
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            format!(
+                "\"{from}\" is not in the caption. The guidance keeps the caption's words in \
+                 place, so the edit works best on one of them: add \"{from}\" to the caption, \
+                 or pick a caption word below."
+            ),
+        );
+    }
     ui.horizontal_wrapped(|ui| {
         if ui.button("Swap words").clicked() {
             commands.push(AppCommand::SwapWords);
@@ -127,6 +155,14 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_word_is_in_the_caption_as_itself_or_its_plural() {
+        assert!(super::in_caption("A Cat on a sofa", "cat"));
+        assert!(super::in_caption("two cats, one dog", "cat"));
+        assert!(!super::in_caption("a kitten on a sofa", "cat"));
+        assert!(!super::in_caption("a category", "cat"));
+    }
+
     #[test]
     fn candidates_skip_stop_words_and_repeats() {
         assert_eq!(
