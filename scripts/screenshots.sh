@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Takes the README's screenshots of the real app: starts `p2pz gui` under Xvfb on the tiny fixture
 # model, lets it open the sample photo, caption it, run the edit and show the overlay, and has the
-# app save its own window (`--screenshot`). Also records the UI frame time while the worker ran.
+# app save its own window (`--screenshot`), at the default window size and at 1280×720. Also
+# records the UI frame time while the worker ran.
 #
 # Needs: xvfb and Mesa's Vulkan driver (see .ci/run and shared docs); a release build.
 # Usage: scripts/screenshots.sh            (writes screenshots/*.png and screenshots/frame-times.txt)
@@ -39,6 +40,8 @@ shot 02-edited-overlay --run --overlay-token cat
 shot 03-difference --run --overlay-token cat --overlay-view difference
 shot 04-split --run --compare split
 shot 05-light-reconstruction --run --compare reconstruction --theme light
+# A smaller window: the scrubbed controls, Run and the progress stay in view.
+shot 06-1280x720 --run --overlay-token cat --window 1280x720
 grep "UI frame time" "$work/log.txt" > "$out/frame-times.txt" || true
 echo "screenshots in $out/:"
 ls -1 "$out"

@@ -28,6 +28,9 @@ use crate::worker::{Worker, WorkerConfig};
 /// The window title and the key of persisted settings.
 pub const APP_NAME: &str = "pix2pix-zero";
 
+/// The window's inner size at first start, in points.
+pub const DEFAULT_WINDOW: [f32; 2] = [1360.0, 820.0];
+
 /// How the app starts.
 #[derive(Debug, Clone)]
 pub struct AppOptions {
@@ -60,6 +63,8 @@ pub struct AppOptions {
     pub screenshot: Option<PathBuf>,
     /// Write a JSON picture of the state here whenever it changes, for scripted checks.
     pub state_dump: Option<PathBuf>,
+    /// The window's inner size in points (`None`: the default, or the last one used).
+    pub window_size: Option<[f32; 2]>,
     /// Use persisted settings (off in tests).
     pub persist: bool,
     /// The worker's configuration.
@@ -84,6 +89,7 @@ impl AppOptions {
             theme: None,
             screenshot: None,
             state_dump: None,
+            window_size: None,
             persist: true,
             worker,
         }
@@ -473,10 +479,10 @@ pub fn run(options: AppOptions) -> anyhow::Result<()> {
         viewport: egui::ViewportBuilder::default()
             .with_title(APP_NAME)
             .with_app_id("p2pz")
-            .with_inner_size([1360.0, 820.0])
+            .with_inner_size(options.window_size.unwrap_or(DEFAULT_WINDOW))
             .with_min_inner_size([900.0, 560.0])
             .with_drag_and_drop(true),
-        persist_window: options.persist,
+        persist_window: options.persist && options.window_size.is_none(),
         ..Default::default()
     };
     eframe::run_native(

@@ -63,9 +63,25 @@ pub struct GuiArgs {
     /// widgets are) to this file whenever it changes, for scripted checks of the real window.
     #[arg(long)]
     state_dump: Option<PathBuf>,
+    /// The window's size, e.g. 1280x720 (default: 1360x820, or the size it last had).
+    #[arg(long, value_parser = parse_window)]
+    window: Option<[f32; 2]>,
     /// Run on the CPU even when a GPU is available.
     #[arg(long)]
     cpu: bool,
+}
+
+/// `--window WxH`.
+fn parse_window(text: &str) -> Result<[f32; 2], String> {
+    let parsed = text
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some([w.trim().parse().ok()?, h.trim().parse().ok()?]));
+    match parsed {
+        Some([w, h]) if w >= 320.0 && h >= 240.0 => Ok([w, h]),
+        _ => Err(format!(
+            "`{text}` is not a window size: give width x height, e.g. 1280x720 (at least 320x240)"
+        )),
+    }
 }
 
 /// `--overlay-view`.
@@ -128,5 +144,6 @@ pub fn run(args: GuiArgs) -> Result<()> {
     });
     options.screenshot = args.screenshot;
     options.state_dump = args.state_dump;
+    options.window_size = args.window;
     app::run(options)
 }
