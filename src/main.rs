@@ -35,6 +35,9 @@ enum Command {
     Edit(cli::editing::EditCommand),
     /// Time the UNet and VAE on a full-size SD-1.5 architecture with random weights.
     Bench(cli::bench::BenchArgs),
+    /// Check this machine: devices, CPU features, parity of the UNet and the guidance gradient
+    /// against reference tensors, and the time of one full-size UNet step. Needs no download.
+    Doctor(cli::doctor::DoctorArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Info(args) => cli::info::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Doctor(args) => cli::doctor::run(args),
         Command::Caption(args) => cli::editing::run_caption(args),
         Command::Direction(args) => cli::editing::run_direction(args),
         Command::Invert(args) => cli::editing::run_invert(args),

@@ -14,11 +14,13 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use clap::Args;
 use pix2pix_zero::edit::guidance::cross_attention_loss;
-use pix2pix_zero::engine::config::{RawUNetConfig, UNetConfig, VaeConfig};
 use pix2pix_zero::engine::control::{AttentionKind, Keep, Recorder};
 use pix2pix_zero::engine::rng::Rng;
 use pix2pix_zero::engine::unet::UNet;
 use pix2pix_zero::engine::vae::{LatentDraw, Vae};
+
+use super::full_size::{random_weights, sd15_unet, sd15_vae, RandomWeights};
+use super::{describe_device, DeviceChoice, Precision};
 
 /// Every case, in the order they run.
 const CASES: [&str; 7] = [
@@ -55,79 +57,15 @@ pub struct BenchArgs {
     /// DDIM steps of the full-size editor benchmark (the paper uses 50; each costs minutes on a CPU).
     #[arg(long, default_value_t = 3)]
     editor_steps: usize,
+    /// The device to run on.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    device: DeviceChoice,
+    /// Precision of weights and activations.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Internal: run one case in this process and print its result as JSON.
     #[arg(long, num_args = 2, value_names = ["CASE", "SIZE"], hide = true)]
     worker: Vec<String>,
-}
-
-/// SD 1.5's `unet/config.json`.
-fn sd15_unet() -> Result<UNetConfig> {
-    let raw: RawUNetConfig = serde_json::from_value(serde_json::json!({
-        "_class_name": "UNet2DConditionModel",
-        "attention_head_dim": 8,
-        "block_out_channels": [320, 640, 1280, 1280],
-        "cross_attention_dim": 768,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "layers_per_block": 2,
-        "sample_size": 64
-    }))?;
-    Ok(UNetConfig::from_raw(&raw)?)
-}
-
-/// SD 1.5's `vae/config.json`.
-fn sd15_vae() -> Result<VaeConfig> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "block_out_channels": [128, 256, 512, 512],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "latent_channels": 4,
-        "layers_per_block": 2,
-        "norm_num_groups": 32
-    }))?)
-}
-
-/// Random weights for any name and shape: uniform with variance `1/fan_in` for matrices and
-/// kernels, ones for norm scales, zeros for biases. Deterministic per tensor name.
-struct RandomWeights;
-
-impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let dims = shape.dims();
-        if dims.len() == 1 {
-            let is_scale = name.ends_with("weight");
-            return if is_scale {
-                Tensor::ones(shape, dtype, dev)
-            } else {
-                Tensor::zeros(shape, dtype, dev)
-            };
-        }
-        let fan_in: usize = dims[1..].iter().product();
-        let bound = (3.0 / fan_in as f64).sqrt();
-        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        let mut rng = Rng::new(seed);
-        let values: Vec<f32> = (0..shape.elem_count())
-            .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
-            .collect();
-        Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for {name}")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
 }
 
 /// Peak resident memory of this process so far, in MB (`VmHWM`), when the OS tells.
@@ -148,37 +86,47 @@ struct Measurement {
     peak_rss_mb: Option<f64>,
 }
 
-/// Runs `f` once to warm up, then `repeats` timed times.
-fn time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// Runs `f` once to warm up, then `repeats` timed times, each until `device` finished it.
+fn time(device: &Device, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     f()?;
+    device.synchronize()?;
     (0..repeats)
         .map(|_| {
             let start = Instant::now();
             f()?;
+            device.synchronize()?;
             Ok(start.elapsed().as_secs_f64())
         })
         .collect()
 }
 
 /// Runs one case in this process.
-fn worker(case: &str, size: usize, repeats: usize) -> Result<Measurement> {
-    let dev = Device::Cpu;
-    let vb = || VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone());
+fn worker(
+    case: &str,
+    size: usize,
+    repeats: usize,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Measurement> {
+    let dev = dev.clone();
+    let vb = || random_weights(dtype, &dev);
     let latent = size / 8;
     let mut rng = Rng::new(0);
     let start = Instant::now();
     let seconds = if case.starts_with("vae") {
         let vae = Vae::load(vb().pp("vae"), sd15_vae()?)?;
         let build_s = start.elapsed().as_secs_f64();
-        let image = (rng.randn((1, 3, size, size), DType::F32, &dev)? * 0.5)?;
-        let z = rng.randn((1, 4, latent, latent), DType::F32, &dev)?;
+        let image = (rng.randn((1, 3, size, size), dtype, &dev)? * 0.5)?;
+        let z = rng.randn((1, 4, latent, latent), dtype, &dev)?;
         let seconds = match case {
-            "vae_encode" => time(repeats, || {
+            "vae_encode" => time(&dev, repeats, || {
                 vae.encode(&image, LatentDraw::Mean)
                     .map(drop)
                     .map_err(Into::into)
             })?,
-            "vae_decode" => time(repeats, || vae.decode(&z).map(drop).map_err(Into::into))?,
+            "vae_decode" => time(&dev, repeats, || {
+                vae.decode(&z).map(drop).map_err(Into::into)
+            })?,
             other => bail!("unknown case {other}"),
         };
         (build_s, seconds)
@@ -186,16 +134,16 @@ fn worker(case: &str, size: usize, repeats: usize) -> Result<Measurement> {
         let unet = UNet::load(vb().pp("unet"), sd15_unet()?)?;
         let build_s = start.elapsed().as_secs_f64();
         let batch = if case.ends_with("b2") { 2 } else { 1 };
-        let x = rng.randn((batch, 4, latent, latent), DType::F32, &dev)?;
-        let context = rng.randn((batch, 77, 768), DType::F32, &dev)?;
+        let x = rng.randn((batch, 4, latent, latent), dtype, &dev)?;
+        let context = rng.randn((batch, 77, 768), dtype, &dev)?;
         let t = 500.0;
         let seconds = match case {
-            "unet_fwd_b1" | "unet_fwd_b2" => time(repeats, || {
+            "unet_fwd_b1" | "unet_fwd_b2" => time(&dev, repeats, || {
                 unet.forward(&x, t, &context, None)
                     .map(drop)
                     .map_err(Into::into)
             })?,
-            "unet_fwdbwd_b1" | "unet_fwdbwd_b2" => time(repeats, || {
+            "unet_fwdbwd_b1" | "unet_fwdbwd_b2" => time(&dev, repeats, || {
                 // The loss diffusers' benchmark uses: mean(out²), gradient w.r.t. the latent only.
                 let leaf = Var::from_tensor(&x)?;
                 let out = unet.forward(leaf.as_tensor(), t, &context, None)?;
@@ -209,11 +157,11 @@ fn worker(case: &str, size: usize, repeats: usize) -> Result<Measurement> {
                 // One pix2pix-zero guidance step: cross-attention maps kept in the graph, the
                 // loss against reference maps, its gradient w.r.t. the latent.
                 let mut reference =
-                    Recorder::new(AttentionKind::CrossAttention, Keep::Detached(DType::F32));
-                let x_ref = rng.randn((1, 4, latent, latent), DType::F32, &dev)?;
+                    Recorder::new(AttentionKind::CrossAttention, Keep::Detached(dtype));
+                let x_ref = rng.randn((1, 4, latent, latent), dtype, &dev)?;
                 unet.forward(&x_ref, t, &context, Some(&mut reference))?;
                 let reference = reference.take();
-                time(repeats, || {
+                time(&dev, repeats, || {
                     let leaf = Var::from_tensor(&x)?;
                     let mut edited = Recorder::new(AttentionKind::CrossAttention, Keep::Graph);
                     unet.forward(leaf.as_tensor(), t, &context, Some(&mut edited))?;
@@ -245,13 +193,15 @@ fn median(values: &[f64]) -> f64 {
 
 /// Runs `p2pz bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
+    let device = args.device.open()?;
+    let dtype = args.precision.dtype();
     if let [case, size] = args.worker.as_slice() {
-        let measurement = worker(case, size.parse()?, args.repeats.max(1))?;
+        let measurement = worker(case, size.parse()?, args.repeats.max(1), &device, dtype)?;
         println!("{}", serde_json::to_string(&measurement)?);
         return Ok(());
     }
     if args.editor {
-        return editor_bench(&args);
+        return editor_bench(&args, &device, dtype);
     }
     let cases: Vec<String> = if args.cases.is_empty() {
         CASES.iter().map(|c| c.to_string()).collect()
@@ -269,7 +219,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let exe = std::env::current_exe()?;
     println!(
-        "p2pz bench: SD-1.5 architecture, random weights, f32, CPU, {} threads",
+        "p2pz bench: SD-1.5 architecture, random weights, {}, {}, {} CPU threads",
+        dtype.as_str(),
+        describe_device(&device),
         candle_core::utils::get_num_threads()
     );
     println!(
@@ -284,6 +236,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "bench",
                     "--repeats",
                     &args.repeats.to_string(),
+                    "--device",
+                    args.device.name(),
+                    "--precision",
+                    dtype.as_str(),
                     "--worker",
                     case,
                     &size.to_string(),
@@ -355,7 +311,7 @@ impl SimpleBackend for RecordingWeights {
 fn write_random_sd15(dir: &std::path::Path) -> Result<()> {
     use pix2pix_zero::engine::config::TextEncoderConfig;
     use pix2pix_zero::engine::text::ClipTextEncoder;
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
+    let fixture = tiny_fixture()?;
     let text_config = serde_json::json!({
         "architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 768,
         "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -412,8 +368,29 @@ fn write_random_sd15(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The repo's tiny fixture model, found from the working directory (a binary carried to another
+/// machine runs in a copy of the tree) or where this binary was built.
+fn tiny_fixture() -> Result<PathBuf> {
+    let relative = PathBuf::from("tests/fixtures/tiny-sd");
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(&relative);
+    [relative, built]
+        .into_iter()
+        .find(|dir| dir.join("model_index.json").is_file())
+        .context(
+            "the editor benchmark needs the repo's tests/fixtures/tiny-sd (its tokenizer and \
+             scheduler): run it from the repo's root",
+        )
+}
+
 /// Times inversion, a first edit, a re-edit and reports the session's size for one model.
-fn editor_case(model_dir: &std::path::Path, label: &str, side: usize, steps: usize) -> Result<()> {
+fn editor_case(
+    model_dir: &std::path::Path,
+    label: &str,
+    side: usize,
+    steps: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<()> {
     use pix2pix_zero::edit::guidance::GuidanceParams;
     use pix2pix_zero::edit::inversion::InversionParams;
     use pix2pix_zero::edit::noise_reg::NoiseRegularization;
@@ -422,12 +399,11 @@ fn editor_case(model_dir: &std::path::Path, label: &str, side: usize, steps: usi
     use std::sync::atomic::AtomicBool;
 
     let files = pix2pix_zero::engine::source::from_folder(model_dir, label)?;
-    let model = pix2pix_zero::engine::StableDiffusion::load(files, &Device::Cpu, DType::F32)?;
+    let model = pix2pix_zero::engine::StableDiffusion::load(files, device, dtype)?;
     let mut rng = Rng::new(1);
-    let image =
-        (rng.randn((1, 3, side, side), DType::F32, &Device::Cpu)? * 0.3)?.clamp(-1f32, 1f32)?;
+    let image = (rng.randn((1, 3, side, side), DType::F32, device)? * 0.3)?.clamp(-1f32, 1f32)?;
     let d = model.text.encoder.config().hidden_size;
-    let direction = (rng.randn((1, 77, d), DType::F32, &Device::Cpu)? * 0.3)?;
+    let direction = (rng.randn((1, 77, d), DType::F32, device)? * 0.3)?;
     let never = AtomicBool::new(false);
     let photo = PhotoSettings {
         latent_draw: LatentDraw::Mean,
@@ -489,17 +465,19 @@ fn editor_case(model_dir: &std::path::Path, label: &str, side: usize, steps: usi
 }
 
 /// `p2pz bench --editor`.
-fn editor_bench(args: &BenchArgs) -> Result<()> {
+fn editor_bench(args: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
     println!(
-        "p2pz bench --editor: f32, CPU, {} threads",
+        "p2pz bench --editor: {}, {}, {} CPU threads",
+        dtype.as_str(),
+        describe_device(device),
         candle_core::utils::get_num_threads()
     );
     println!(
         "{:<22} {:>5} {:>5} {:>10} {:>12} {:>10} {:>10}",
         "model", "size", "steps", "invert s", "first edit s", "re-edit s", "cache MB"
     );
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
-    editor_case(&fixture, "tiny fixture", 128, 10)?;
+    let fixture = tiny_fixture()?;
+    editor_case(&fixture, "tiny fixture", 128, 10, device, dtype)?;
     let dir = tempfile::tempdir()?;
     write_random_sd15(dir.path())?;
     for &side in &args.sizes {
@@ -508,6 +486,8 @@ fn editor_bench(args: &BenchArgs) -> Result<()> {
             "SD-1.5, random weights",
             side,
             args.editor_steps,
+            device,
+            dtype,
         )?;
     }
     Ok(())

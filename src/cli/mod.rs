@@ -1,7 +1,9 @@
 //! The `p2pz` command line: one file per subcommand, shared options here.
 
 pub mod bench;
+pub mod doctor;
 pub mod editing;
+pub mod full_size;
 pub mod generate;
 pub mod gui;
 pub mod info;
@@ -22,6 +24,79 @@ pub enum Precision {
     F32,
     /// f16 weights and activations (attention and norms still in f32): for GPUs.
     F16,
+}
+
+impl Precision {
+    /// The dtype it stands for.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+        }
+    }
+}
+
+/// A device named on the command line (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceChoice {
+    /// A GPU when one is compiled in and present, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The first NVIDIA GPU (a `--features cuda` build).
+    Cuda,
+    /// The Apple GPU (a `--features metal` build).
+    Metal,
+}
+
+impl DeviceChoice {
+    /// Opens the device, or says why it cannot be had and what to do.
+    pub fn open(self) -> Result<Device> {
+        Ok(match self {
+            DeviceChoice::Auto => pick_device(false)?,
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda => {
+                if !candle_core::utils::cuda_is_available() {
+                    anyhow::bail!(
+                        "this p2pz was built without CUDA: build it with `cargo build --release \
+                         --features cuda` (scripts/build-cuda.sh does it with pip's CUDA wheels)"
+                    );
+                }
+                Device::new_cuda(0).context(
+                    "no CUDA device could be opened: check that the NVIDIA driver is installed \
+                     (nvidia-smi) and that the CUDA runtime, cuBLAS, cuRAND and NVRTC libraries \
+                     can be loaded (LD_LIBRARY_PATH)",
+                )?
+            }
+            DeviceChoice::Metal => {
+                if !candle_core::utils::metal_is_available() {
+                    anyhow::bail!(
+                        "this p2pz was built without Metal: build it with `--features metal`"
+                    );
+                }
+                Device::new_metal(0)?
+            }
+        })
+    }
+
+    /// The name `--device` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+            DeviceChoice::Metal => "metal",
+        }
+    }
+}
+
+/// The device, in words.
+pub fn describe_device(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu => "CPU",
+        Device::Cuda(_) => "CUDA GPU 0",
+        Device::Metal(_) => "Metal GPU",
+    }
 }
 
 /// Options every model-using command takes.
@@ -82,10 +157,7 @@ impl ModelArgs {
 
     /// The dtype for `--precision`.
     pub fn dtype(&self) -> DType {
-        match self.precision {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-        }
+        self.precision.dtype()
     }
 
     /// Finds (and if needed downloads) the model's files.
