@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""CPU baseline timings of diffusers' full-size SD-1.5 UNet and VAE (fp32, random weights).
+"""Baseline timings of diffusers' full-size SD-1.5 UNet and VAE (random weights), on CPU or CUDA.
 
 Builds UNet2DConditionModel and AutoencoderKL from the standard SD-1.5 configs written below
-(no download, random init), and times with time.perf_counter (1 warm-up + N repeats, reporting
-best and median):
+(no download, random init), moves them to --device in --dtype, and times with time.perf_counter
+(1 warm-up + N repeats, reporting best and median; on CUDA each run is bracketed by
+torch.cuda.synchronize()):
 
   unet_fwd_b1 / unet_fwd_b2        UNet forward, batch 1 / 2, context (B, 77, 768), t = 500
   unet_fwdbwd_b1 / unet_fwdbwd_b2  UNet forward + backward w.r.t. the latent only
@@ -13,14 +14,20 @@ best and median):
 
 for each image size in --sizes (latent = size / 8). Every (case, size) runs in its own
 subprocess, so the reported peak RSS (getrusage ru_maxrss) is per measurement; it includes the
-Python/torch baseline and the model weights (rss_after_build_mb is reported separately).
+Python/torch baseline and the model weights (rss_after_build_mb is reported separately). On CUDA
+the record also has peak_gpu_mb, torch.cuda.max_memory_allocated() over the timed runs (peak
+stats reset after the warm-up; it includes the weights, gpu_after_build_mb), and the JSON header
+records the GPU and the TF32 switches (torch defaults: off for matmul, on for cuDNN convolutions).
 
-Usage (pinned environment: tests/fixtures/requirements.txt):
+Usage (pinned environment: tests/fixtures/requirements.txt; on an offline GPU machine, its own
+torch plus the wheels of bench/gpu_wheels.txt):
 
     /work/venv-ref/bin/python bench/bench_diffusers.py --sizes 256,512 --repeats 3 --json out.json
     /work/venv-ref/bin/python bench/bench_diffusers.py --sizes 64 --repeats 1     # smoke test
+    python bench/bench_diffusers.py --device cuda --dtype float16 --sizes 512 --json out.json
 
-Options: --cases (comma list, default all), --threads (default 2), --attn default|classic
+Options: --cases (comma list, default all), --device cpu|cuda (default cpu), --dtype
+float32|float16 (default float32), --threads (CPU threads, default 2), --attn default|classic
 (default: diffusers' default processor, i.e. fused SDPA; classic: the original non-fused
 AttnProcessor with an explicit softmax, as pix2pix-zero needs to read attention maps).
 """
@@ -77,7 +84,7 @@ def maxrss_mb():
     return r / 1024.0 if sys.platform.startswith("linux") else r / (1024.0 * 1024.0)
 
 
-def worker(case, size, repeats, threads, attn):
+def worker(case, size, repeats, threads, attn, device, dtype):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -86,18 +93,27 @@ def worker(case, size, repeats, threads, attn):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
 
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    dt = getattr(torch, dtype)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     rss_import = maxrss_mb()
     t0 = time.perf_counter()
     lat = size // 8
     g = torch.Generator().manual_seed(1)
+    # inputs are drawn on the CPU (same values on every device), then moved
     if case.startswith("unet"):
-        model = UNet2DConditionModel(**SD15_UNET_CONFIG).float().eval()
+        model = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device=dev, dtype=dt).eval()
         if attn == "classic":
             model.set_attn_processor(AttnProcessor())
         batch = 2 if case.endswith("_b2") else 1
-        x = torch.randn((batch, 4, lat, lat), generator=g)
-        ctx = torch.randn((batch, 77, 768), generator=g)
-        t = torch.tensor(500, dtype=torch.int64)
+        x = torch.randn((batch, 4, lat, lat), generator=g).to(device=dev, dtype=dt)
+        ctx = torch.randn((batch, 77, 768), generator=g).to(device=dev, dtype=dt)
+        t = torch.tensor(500, dtype=torch.int64, device=dev)
         model.requires_grad_(False)
         if case.startswith("unet_fwd_"):
 
@@ -115,40 +131,48 @@ def worker(case, size, repeats, threads, attn):
                 return gx
 
     else:
-        model = AutoencoderKL(**SD15_VAE_CONFIG).float().eval()
+        model = AutoencoderKL(**SD15_VAE_CONFIG).to(device=dev, dtype=dt).eval()
         if attn == "classic":
             model.set_attn_processor(AttnProcessor())
         model.requires_grad_(False)
         if case == "vae_encode":
-            img = torch.rand((1, 3, size, size), generator=g) * 2 - 1
+            img = (torch.rand((1, 3, size, size), generator=g) * 2 - 1).to(device=dev, dtype=dt)
 
             def run():
                 with torch.inference_mode():
                     return model.encode(img).latent_dist.mean
 
         else:
-            z = torch.randn((1, 4, lat, lat), generator=g)
+            z = torch.randn((1, 4, lat, lat), generator=g).to(device=dev, dtype=dt)
 
             def run():
                 with torch.inference_mode():
                     return model.decode(z).sample
 
+    sync()
     build_s = time.perf_counter() - t0
     rss_build = maxrss_mb()
+    gpu_build = torch.cuda.memory_allocated(dev) / 2**20 if cuda else None
     nparams = sum(p.numel() for p in model.parameters())
 
     times = []
     for i in range(1 + repeats):
+        if i == 1 and cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        sync()
         t0 = time.perf_counter()
         out = run()
-        dt = time.perf_counter() - t0
+        sync()
+        elapsed = time.perf_counter() - t0
         if i > 0:
-            times.append(dt)
+            times.append(elapsed)
         del out
     return {
         "case": case,
         "size": size,
         "latent": lat,
+        "device": device,
+        "dtype": dtype,
         "threads": threads,
         "attn": attn,
         "params": nparams,
@@ -160,6 +184,8 @@ def worker(case, size, repeats, threads, attn):
         "rss_after_import_mb": rss_import,
         "rss_after_build_mb": rss_build,
         "peak_rss_mb": maxrss_mb(),
+        "gpu_after_build_mb": gpu_build,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
     }
 
 
@@ -168,14 +194,16 @@ def main():
     ap.add_argument("--sizes", default="256,512", help="image sizes, comma separated (latent = size/8)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats after 1 warm-up")
     ap.add_argument("--cases", default=",".join(CASES), help="comma list from: " + ",".join(CASES))
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (matters on CPU)")
     ap.add_argument("--attn", choices=["default", "classic"], default="default")
     ap.add_argument("--json", help="write results to this JSON file")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "SIZE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
-        res = worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads, args.attn)
+        res = worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads, args.attn, args.device, args.dtype)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
@@ -188,14 +216,19 @@ def main():
         if s % 64:
             ap.error(f"size {s} must be a multiple of 64 (UNet needs latent divisible by 8)")
 
+    cuda = args.device == "cuda"
     results = []
+    print(f"device {args.device}, dtype {args.dtype}, attn {args.attn}, threads {args.threads}")
     hdr = f"{'case':<16}{'size':>6}{'latent':>8}{'best s':>10}{'median s':>10}{'build s':>9}{'rss build MB':>14}{'peak RSS MB':>13}"
+    if cuda:
+        hdr += f"{'peak GPU MB':>13}"
     print(hdr)
     print("-" * len(hdr))
     for size in sizes:
         for case in cases:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", case, str(size),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads), "--attn", args.attn]
+                   "--repeats", str(args.repeats), "--threads", str(args.threads), "--attn", args.attn,
+                   "--device", args.device, "--dtype", args.dtype]
             p = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
             if p.returncode != 0 or not lines:
@@ -204,8 +237,11 @@ def main():
                 continue
             r = json.loads(lines[-1][len("RESULT "):])
             results.append(r)
-            print(f"{case:<16}{size:>6}{r['latent']:>8}{r['best_s']:>10.3f}{r['median_s']:>10.3f}"
-                  f"{r['build_s']:>9.1f}{r['rss_after_build_mb']:>14.0f}{r['peak_rss_mb']:>13.0f}", flush=True)
+            line = (f"{case:<16}{size:>6}{r['latent']:>8}{r['best_s']:>10.3f}{r['median_s']:>10.3f}"
+                    f"{r['build_s']:>9.1f}{r['rss_after_build_mb']:>14.0f}{r['peak_rss_mb']:>13.0f}")
+            if cuda:
+                line += f"{r['peak_gpu_mb']:>13.0f}"
+            print(line, flush=True)
 
     if args.json:
         import diffusers
@@ -219,6 +255,12 @@ def main():
             "machine": platform.machine(),
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
+            "device": args.device,
+            "dtype": args.dtype,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "cuda": torch.version.cuda if cuda else None,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32 if cuda else None,
             "threads": args.threads,
             "attn": args.attn,
             "repeats": args.repeats,

@@ -5,8 +5,10 @@
 //!   inverse, and the latent-only gradient path. It knows nothing about editing.
 //! - [`edit`]: the stages of the paper built on the engine.
 //! - [`worker`]: the thread that owns the models; commands in, events out.
-//! - [`app`]: the eframe desktop editor, which talks only to the worker.
+//! - `app`: the eframe desktop editor, which talks only to the worker (cargo feature `gui`, on by
+//!   default).
 
+#[cfg(feature = "gui")]
 pub mod app;
 pub mod edit;
 pub mod engine;

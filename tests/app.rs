@@ -1,6 +1,7 @@
 //! The desktop editor, driven through egui_kittest on the tiny fixture model: open, edit,
 //! re-edit from the cache, pick overlay tokens, export, cancel, missing weights, and the WGSL
 //! overlay against its CPU twin on a real wgpu renderer (lavapipe on CI).
+#![cfg(feature = "gui")]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -4,10 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use pix2pix_zero::app::heatmap::MapView;
-use pix2pix_zero::app::state::{CompareMode, ThemeChoice};
-use pix2pix_zero::app::{self, AppOptions};
-use pix2pix_zero::worker::WorkerConfig;
 
 /// Arguments of `p2pz gui`.
 #[derive(Debug, Default, Args)]
@@ -108,8 +104,24 @@ enum ThemeArg {
     Light,
 }
 
+/// Runs `p2pz gui` in a build without the desktop editor: says how to get one.
+#[cfg(not(feature = "gui"))]
+pub fn run(_: GuiArgs) -> Result<()> {
+    anyhow::bail!(
+        "this p2pz was built without the desktop editor (cargo feature `gui`, on by default): \
+         use the command-line stages (`p2pz edit --help`), or build again without \
+         --no-default-features"
+    )
+}
+
 /// Runs `p2pz gui`.
+#[cfg(feature = "gui")]
 pub fn run(args: GuiArgs) -> Result<()> {
+    use pix2pix_zero::app::heatmap::MapView;
+    use pix2pix_zero::app::state::{CompareMode, ThemeChoice};
+    use pix2pix_zero::app::{self, AppOptions};
+    use pix2pix_zero::worker::WorkerConfig;
+
     let mut worker = WorkerConfig::for_user(args.cpu);
     if let Some(captioner) = args.captioner {
         worker.captioner = captioner;
