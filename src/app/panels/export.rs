@@ -1,6 +1,7 @@
 //! The Export panel: path, format, the overlay and maps for people who study them, and the
 //! overwrite confirmation.
 
+use super::path_label;
 use crate::app::commands::AppCommand;
 use crate::app::dump::mark;
 use crate::app::state::AppState;
@@ -76,6 +77,6 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
         }
     }
     for path in &state.export.written {
-        ui.weak(path.display().to_string());
+        path_label(ui, egui::RichText::new(path.display().to_string()).weak());
     }
 }

@@ -10,6 +10,15 @@ pub mod progress;
 pub mod sliders;
 pub mod words;
 
+/// A one-line label for text that holds a path: cut with "…" to the panel's width, the whole of it
+/// on hover. A long path must not widen the panel and squeeze the canvas.
+pub fn path_label(ui: &mut egui::Ui, text: impl Into<egui::WidgetText>) -> egui::Response {
+    let text = text.into();
+    let full = text.text().to_string();
+    ui.add(egui::Label::new(text).truncate())
+        .on_hover_text(full)
+}
+
 /// Formats a byte count for people: `1.5 GB`, `340 MB`.
 pub fn human_bytes(bytes: f64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];

@@ -1,7 +1,7 @@
 //! The Model panel: which model is loaded and from where, choosing another, the download bar,
 //! and what to do when the weights are missing.
 
-use super::human_bytes;
+use super::{human_bytes, path_label};
 use crate::app::commands::AppCommand;
 use crate::app::state::{AppState, ModelStatus};
 
@@ -41,8 +41,11 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
             });
         }
         ModelStatus::Ready(info) => {
-            ui.label(format!("Loaded {} on the {}", info.spec, info.device));
-            ui.weak(info.root.display().to_string());
+            path_label(ui, format!("Loaded {} on the {}", info.spec, info.device));
+            path_label(
+                ui,
+                egui::RichText::new(info.root.display().to_string()).weak(),
+            );
         }
         ModelStatus::Missing {
             spec,
