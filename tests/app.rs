@@ -737,7 +737,14 @@ fn an_error_goes_when_its_action_succeeds_or_another_starts() {
 fn at_1280_by_720_the_scrubbed_controls_run_and_progress_are_in_view() {
     let dir = tempfile::tempdir().unwrap();
     let photo = photo_in(dir.path());
-    let model = fixtures().join("tiny-sd").display().to_string();
+    // A model in a long folder: its path must not widen the panel (it did, while loading).
+    let long = dir
+        .path()
+        .join("a-folder-with-a-rather-long-name-for-its-model");
+    std::fs::create_dir_all(&long).unwrap();
+    let model = long.join("tiny-sd");
+    std::os::unix::fs::symlink(fixtures().join("tiny-sd"), &model).unwrap();
+    let model = model.display().to_string();
     let window = egui::vec2(1280.0, 720.0);
     let mut h = harness_sized(dir.path(), &model, false, window);
     drop_photo(&mut h, &photo);

@@ -37,7 +37,7 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
         ModelStatus::Loading(spec) => {
             ui.horizontal(|ui| {
                 ui.spinner();
-                ui.label(format!("Loading {spec}…"));
+                path_label(ui, format!("Loading {spec}…"));
             });
         }
         ModelStatus::Ready(info) => {
