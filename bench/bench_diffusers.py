@@ -79,6 +79,14 @@ SD15_VAE_CONFIG = {
 }
 
 
+def write_json(path, doc):
+    """Writes `doc` as indented JSON and says so."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
+
+
 def maxrss_mb():
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024.0 if sys.platform.startswith("linux") else r / (1024.0 * 1024.0)
@@ -266,10 +274,7 @@ def main():
             "repeats": args.repeats,
             "results": results,
         }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, doc)
 
 
 if __name__ == "__main__":

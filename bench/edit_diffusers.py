@@ -49,7 +49,6 @@ Usage (tests/fixtures/requirements.txt, or on a GPU machine its own torch plus b
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -71,7 +70,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_diffusers import SD15_UNET_CONFIG, SD15_VAE_CONFIG, maxrss_mb  # noqa: E402
+from bench_diffusers import SD15_UNET_CONFIG, SD15_VAE_CONFIG, maxrss_mb, write_json  # noqa: E402
 
 FIXTURE = os.path.join(HERE, "..", "tests", "fixtures", "tiny-sd")
 
@@ -238,10 +237,7 @@ def main():
             "peak_gpu_mb": peak_gpu_mb,
             "finite": finite,
         }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, doc)
 
 
 if __name__ == "__main__":
