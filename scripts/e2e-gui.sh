@@ -11,6 +11,7 @@
 # Needs: xvfb, xdotool, python3, Mesa's Vulkan or GL driver (see .ci/run), and a built p2pz
 # (target/debug/p2pz, as `cargo test` leaves it; P2PZ_BIN picks another).
 # Usage: scripts/e2e-gui.sh            (prints each stage; exits non-zero on the first failure)
+#        E2E_SCREENSHOT=end.png scripts/e2e-gui.sh   (also saves the window as the flow ends)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${P2PZ_BIN:-target/debug/p2pz}
@@ -182,4 +183,7 @@ for _ in $(seq 100); do [ "$(inodes)" != "$before" ] && break; sleep 0.1; done
 [ "$(inodes)" != "$before" ] || fail "Overwrite did not replace the files"
 echo "ok: the second export asked, then replaced both files"
 passed=$((passed + 1))
+if [ -n "${E2E_SCREENSHOT:-}" ]; then
+    import -window root "$E2E_SCREENSHOT" && echo "screenshot: $E2E_SCREENSHOT"
+fi
 echo "e2e: $passed passed, 0 failed"
