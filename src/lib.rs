@@ -10,6 +10,7 @@
 
 #[cfg(feature = "gui")]
 pub mod app;
+pub mod distill;
 pub mod edit;
 pub mod engine;
 pub mod export;

@@ -33,6 +33,11 @@ enum Command {
     Invert(cli::editing::InvertCommand),
     /// Edit a photo (or a generated image) from one word to another.
     Edit(cli::editing::EditCommand),
+    /// Make training pairs of one edit for `p2pz distill` (deterministic; `--shard i/N` splits
+    /// the work over machines).
+    Pairs(cli::pairs::PairsArgs),
+    /// Merge pairs folders (e.g. one per shard) into one.
+    MergePairs(cli::pairs::MergePairsArgs),
     /// Time the UNet and VAE on a full-size SD-1.5 architecture with random weights.
     Bench(cli::bench::BenchArgs),
     /// Check this machine: devices, CPU features, parity of the UNet and the guidance gradient
@@ -54,6 +59,8 @@ fn main() -> std::process::ExitCode {
         Command::Direction(args) => cli::editing::run_direction(args),
         Command::Invert(args) => cli::editing::run_invert(args),
         Command::Edit(args) => cli::editing::run_edit(args),
+        Command::Pairs(args) => cli::pairs::run(args),
+        Command::MergePairs(args) => cli::pairs::run_merge(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

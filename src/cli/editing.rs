@@ -27,9 +27,9 @@ use pix2pix_zero::export::{save_png, write_atomically};
 use super::{shown, step_bar, DownloadBar, ModelArgs};
 
 /// The authors' λ_xa for real photos (`edit_real.py`).
-const XA_REAL: f64 = 0.1;
+pub(super) const XA_REAL: f64 = 0.1;
 /// The authors' λ_xa for synthetic images (`edit_synthetic.py`).
-const XA_SYNTHETIC: f64 = 0.15;
+pub(super) const XA_SYNTHETIC: f64 = 0.15;
 
 /// Where the source and target sentences come from.
 #[derive(Debug, Clone, Args)]
@@ -189,7 +189,7 @@ impl InvertArgs {
 }
 
 /// Stops a computation cleanly on Ctrl-C: the first press asks it to stop within one step.
-fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
+pub(super) fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     // Only one handler per process; a second registration (tests calling run twice) is harmless.
@@ -298,12 +298,16 @@ fn blip_caption(
     image: &image::RgbImage,
     device: &candle_core::Device,
 ) -> Result<String> {
+    Ok(load_captioner(captioner, device)?.caption(image)?)
+}
+
+/// Finds and loads the BLIP captioner, explaining how to do without it when it is not available.
+pub(super) fn load_captioner(captioner: &str, device: &candle_core::Device) -> Result<Captioner> {
     let options = ResolveOptions::from_env();
     let dir = Captioner::locate(captioner, &options, &mut DownloadBar::default()).with_context(|| {
-        format!("no --caption was given and the captioner `{captioner}` is not available; pass --caption \"...\" or --captioner FOLDER")
+        format!("no caption was given and the captioner `{captioner}` is not available; pass --caption \"...\" (--captions FILE for pairs) or --captioner FOLDER")
     })?;
-    let mut blip = Captioner::load(&dir, device)?;
-    Ok(blip.caption(image)?)
+    Ok(Captioner::load(&dir, device)?)
 }
 
 /// Arguments of `p2pz caption`.
@@ -335,7 +339,7 @@ pub fn run_caption(args: CaptionCommand) -> Result<()> {
 }
 
 /// Writes an image PNG plus a JSON sidecar with the parameters.
-fn write_result(path: &Path, image: &image::RgbImage, record: &serde_json::Value) -> Result<()> {
+pub(super) fn write_result(path: &Path, image: &image::RgbImage, record: &serde_json::Value) -> Result<()> {
     save_png(path, image, &[("p2pz", record.to_string())])
         .with_context(|| format!("writing {}", shown(path).display()))?;
     let sidecar = path.with_extension("json");

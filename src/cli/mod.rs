@@ -7,6 +7,7 @@ pub mod full_size;
 pub mod generate;
 pub mod gui;
 pub mod info;
+pub mod pairs;
 
 use std::path::PathBuf;
 
