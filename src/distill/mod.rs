@@ -11,3 +11,6 @@
 
 pub mod pairs;
 pub mod teacher;
+pub mod depthwise;
+pub mod generator;
+pub mod params;
