@@ -38,6 +38,10 @@ enum Command {
     Pairs(cli::pairs::PairsArgs),
     /// Merge pairs folders (e.g. one per shard) into one.
     MergePairs(cli::pairs::MergePairsArgs),
+    /// Train a fast generator on a pairs folder: the edit distilled, instant on any photo.
+    Distill(cli::distill::DistillArgs),
+    /// Edit a photo with a distilled generator (milliseconds instead of minutes).
+    Apply(cli::distill::ApplyArgs),
     /// Time the UNet and VAE on a full-size SD-1.5 architecture with random weights.
     Bench(cli::bench::BenchArgs),
     /// Check this machine: devices, CPU features, parity of the UNet and the guidance gradient
@@ -61,6 +65,8 @@ fn main() -> std::process::ExitCode {
         Command::Edit(args) => cli::editing::run_edit(args),
         Command::Pairs(args) => cli::pairs::run(args),
         Command::MergePairs(args) => cli::pairs::run_merge(args),
+        Command::Distill(args) => cli::distill::run_distill(args),
+        Command::Apply(args) => cli::distill::run_apply(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

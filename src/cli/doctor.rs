@@ -112,7 +112,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
     let gpu = !device.is_cpu();
     let timing_size = args.timing_size.unwrap_or(if gpu { 512 } else { 256 });
     if timing_size > 0 {
-        if timing_size % 64 != 0 {
+        if !timing_size.is_multiple_of(64) {
             bail!("--timing-size {timing_size} is not a multiple of 64");
         }
         time_full_size(&device, timing_size, gpu)?;

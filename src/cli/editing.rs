@@ -339,7 +339,11 @@ pub fn run_caption(args: CaptionCommand) -> Result<()> {
 }
 
 /// Writes an image PNG plus a JSON sidecar with the parameters.
-pub(super) fn write_result(path: &Path, image: &image::RgbImage, record: &serde_json::Value) -> Result<()> {
+pub(super) fn write_result(
+    path: &Path,
+    image: &image::RgbImage,
+    record: &serde_json::Value,
+) -> Result<()> {
     save_png(path, image, &[("p2pz", record.to_string())])
         .with_context(|| format!("writing {}", shown(path).display()))?;
     let sidecar = path.with_extension("json");

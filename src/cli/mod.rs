@@ -1,6 +1,7 @@
 //! The `p2pz` command line: one file per subcommand, shared options here.
 
 pub mod bench;
+pub mod distill;
 pub mod doctor;
 pub mod editing;
 pub mod full_size;

@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pix2pix_zero::distill::pairs::{
-    holds_word, pair_seed, replace_word, DirectionSpec, PairFolder, PairOrigin, PairRecord, PairSettings,
-    Shard, DEFAULT_TEST_EVERY,
+    holds_word, pair_seed, replace_word, DirectionSpec, PairFolder, PairOrigin, PairRecord,
+    PairSettings, Shard, DEFAULT_TEST_EVERY,
 };
 use pix2pix_zero::distill::teacher;
 use pix2pix_zero::edit::direction::{self, fnv1a, EmbeddingCache, SentenceSource};
@@ -19,7 +19,7 @@ use pix2pix_zero::edit::sentences::{self, DEFAULT_SENTENCES};
 use pix2pix_zero::edit::EditorProgress;
 use pix2pix_zero::engine::{Error, StableDiffusion};
 
-use super::editing::{load_captioner, cancel_on_ctrl_c, XA_REAL, XA_SYNTHETIC};
+use super::editing::{cancel_on_ctrl_c, load_captioner, XA_REAL, XA_SYNTHETIC};
 use super::{shown, ModelArgs};
 
 /// Arguments of `p2pz pairs`.
@@ -104,7 +104,10 @@ impl PairsArgs {
         }
         photo::working_size((1, 1), self.size)?;
         if self.steps < 3 {
-            bail!("--steps {} is too few: use at least 3 (50 is the paper's)", self.steps);
+            bail!(
+                "--steps {} is too few: use at least 3 (50 is the paper's)",
+                self.steps
+            );
         }
         let origin = match &self.images {
             Some(folder) => PairOrigin::Photos {
@@ -206,9 +209,9 @@ fn photos_in(folder: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| ["png", "jpg", "jpeg", "webp"].contains(&e.to_ascii_lowercase().as_str()))
+            p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                ["png", "jpg", "jpeg", "webp"].contains(&e.to_ascii_lowercase().as_str())
+            })
         })
         .collect();
     files.sort();
@@ -334,9 +337,7 @@ fn make(
             Err(Error::Cancelled) => {
                 bar.abandon();
                 folder.write_index()?;
-                bail!(
-                    "stopped after {done} new pairs; the same command resumes where it stopped"
-                );
+                bail!("stopped after {done} new pairs; the same command resumes where it stopped");
             }
             Err(e) => return Err(e.into()),
         }

@@ -202,7 +202,10 @@ mod tests {
             let weights = random(&[n, c, h, w], 200 + i as u64);
             let ours = depthwise3x3(&x, &k).unwrap();
             let theirs = depthwise3x3_reference(&x, &k).unwrap();
-            assert!(max_difference(&ours, &theirs) < 1e-5, "forward {n}x{c}x{h}x{w}");
+            assert!(
+                max_difference(&ours, &theirs) < 1e-5,
+                "forward {n}x{c}x{h}x{w}"
+            );
             let grads = |out: &Tensor| {
                 let loss = (out * &weights).unwrap().sum_all().unwrap();
                 let g = loss.backward().unwrap();
@@ -213,8 +216,14 @@ mod tests {
             };
             let (ours_x, ours_k) = grads(&ours);
             let (theirs_x, theirs_k) = grads(&theirs);
-            assert!(max_difference(&ours_x, &theirs_x) < 1e-4, "input gradient {n}x{c}x{h}x{w}");
-            assert!(max_difference(&ours_k, &theirs_k) < 1e-3, "kernel gradient {n}x{c}x{h}x{w}");
+            assert!(
+                max_difference(&ours_x, &theirs_x) < 1e-4,
+                "input gradient {n}x{c}x{h}x{w}"
+            );
+            assert!(
+                max_difference(&ours_k, &theirs_k) < 1e-3,
+                "kernel gradient {n}x{c}x{h}x{w}"
+            );
         }
     }
 }

@@ -93,15 +93,22 @@ struct Separable {
 }
 
 impl Separable {
-    fn new(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
+    /// He-initialised; with `zero_output` the pointwise weights start at zero, so a residual
+    /// branch ending in it starts as nothing and activations do not grow with depth.
+    fn new(vb: VarBuilder, c_in: usize, c_out: usize, zero_output: bool) -> Result<Self> {
         let normal = |fan_in: usize| Init::Randn {
             mean: 0.0,
             stdev: (2.0 / fan_in as f64).sqrt(),
         };
+        let pointwise_init = if zero_output {
+            Init::Const(0.0)
+        } else {
+            normal(c_in)
+        };
         Ok(Self {
             depthwise: vb.get_with_hints((c_in, 1, 3, 3), "depthwise.weight", normal(9))?,
             depthwise_bias: vb.get_with_hints(c_in, "depthwise.bias", Init::Const(0.0))?,
-            pointwise: vb.get_with_hints((c_out, c_in), "pointwise.weight", normal(c_in))?,
+            pointwise: vb.get_with_hints((c_out, c_in), "pointwise.weight", pointwise_init)?,
             pointwise_bias: vb.get_with_hints(c_out, "pointwise.bias", Init::Const(0.0))?,
         })
     }
@@ -166,8 +173,8 @@ impl Generator {
             .map(|i| {
                 let vb = vb.pp(format!("blocks.{i}"));
                 Ok(ResidualBlock {
-                    first: Separable::new(vb.pp("first"), 4 * c, 4 * c)?,
-                    second: Separable::new(vb.pp("second"), 4 * c, 4 * c)?,
+                    first: Separable::new(vb.pp("first"), 4 * c, 4 * c, false)?,
+                    second: Separable::new(vb.pp("second"), 4 * c, 4 * c, true)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -180,8 +187,8 @@ impl Generator {
             ],
             blocks,
             up: [
-                Separable::new(vb.pp("up.0"), 4 * c, 2 * c)?,
-                Separable::new(vb.pp("up.1"), 2 * c, c)?,
+                Separable::new(vb.pp("up.0"), 4 * c, 2 * c, false)?,
+                Separable::new(vb.pp("up.1"), 2 * c, c, false)?,
             ],
             head: conv3x3(vb.pp("head"), c, 3, 1, 3, true)?,
         })
@@ -197,7 +204,9 @@ impl Generator {
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = images.dims4()?;
         if h % STRIDE != 0 || w % STRIDE != 0 {
-            candle_core::bail!("the generator needs sides that are multiples of {STRIDE}, not {w}×{h}");
+            candle_core::bail!(
+                "the generator needs sides that are multiples of {STRIDE}, not {w}×{h}"
+            );
         }
         let full = self.stem.forward(images)?.relu()?;
         let half = self.down[0].forward(&full)?.relu()?;
@@ -208,6 +217,63 @@ impl Generator {
         let x = (self.up[0].forward(&upsample2(&x)?)?.relu()? + half)?;
         let x = (self.up[1].forward(&upsample2(&x)?)?.relu()? + full)?;
         images + self.head.forward(&x)?
+    }
+}
+
+/// The long side above which [`Generator::edit_photo`] works at a smaller size by default.
+pub const MAX_APPLY_SIDE: usize = 1024;
+
+impl Generator {
+    /// Edits a photo at `long_side` (its own size when `None`) and returns it at its own size.
+    /// Sides are padded by repeating the edge up to a multiple of [`STRIDE`] and cropped after.
+    pub fn edit_photo(
+        &self,
+        photo: &image::RgbImage,
+        long_side: Option<usize>,
+        device: &candle_core::Device,
+    ) -> Result<image::RgbImage> {
+        let (w, h) = photo.dimensions();
+        let scaled = match long_side {
+            Some(side) if side != w.max(h) as usize => {
+                let scale = side as f64 / w.max(h) as f64;
+                let (sw, sh) = (
+                    ((w as f64 * scale).round() as u32).max(1),
+                    ((h as f64 * scale).round() as u32).max(1),
+                );
+                image::imageops::resize(photo, sw, sh, image::imageops::FilterType::Lanczos3)
+            }
+            _ => photo.clone(),
+        };
+        let (sw, sh) = scaled.dimensions();
+        let pad = |v: u32| v.div_ceil(STRIDE as u32) * STRIDE as u32;
+        let (pw, ph) = (pad(sw), pad(sh));
+        let padded = image::RgbImage::from_fn(pw, ph, |x, y| {
+            *scaled.get_pixel(x.min(sw - 1), y.min(sh - 1))
+        });
+        let input = Tensor::from_vec(padded.into_raw(), (ph as usize, pw as usize, 3), device)?
+            .permute((2, 0, 1))?
+            .to_dtype(candle_core::DType::F32)?
+            .affine(1.0 / 127.5, -1.0)?
+            .unsqueeze(0)?;
+        let pixels: Vec<u8> = self
+            .forward(&input)?
+            .squeeze(0)?
+            .clamp(-1f32, 1f32)?
+            .affine(127.5, 127.5)?
+            .round()?
+            .permute((1, 2, 0))?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|v| v as u8)
+            .collect();
+        let out = image::RgbImage::from_raw(pw, ph, pixels).expect("the generator keeps the size");
+        let out = image::imageops::crop_imm(&out, 0, 0, sw, sh).to_image();
+        Ok(if (sw, sh) == (w, h) {
+            out
+        } else {
+            image::imageops::resize(&out, w, h, image::imageops::FilterType::Lanczos3)
+        })
     }
 }
 
@@ -233,17 +299,29 @@ mod tests {
     #[test]
     fn starts_as_the_identity_and_keeps_any_stride_multiple_size() {
         let vars = VarMap::new();
-        let g = Generator::new(SeededParams::builder(&vars, 1, &Device::Cpu), GeneratorConfig::default())
-            .unwrap();
+        let g = Generator::new(
+            SeededParams::builder(&vars, 1, &Device::Cpu),
+            GeneratorConfig::default(),
+        )
+        .unwrap();
         for (h, w) in [(8, 12), (36, 20)] {
             let x = crate::engine::rng::Rng::new(2)
                 .randn((2, 3, h, w), DType::F32, &Device::Cpu)
                 .unwrap();
             let y = g.forward(&x).unwrap();
             assert_eq!(y.dims(), x.dims());
-            assert!(psnr(&y.clamp(-1f32, 1f32).unwrap(), &x.clamp(-1f32, 1f32).unwrap()).unwrap() > 100.0);
+            assert!(
+                psnr(
+                    &y.clamp(-1f32, 1f32).unwrap(),
+                    &x.clamp(-1f32, 1f32).unwrap()
+                )
+                .unwrap()
+                    > 100.0
+            );
         }
-        assert!(g.forward(&Tensor::zeros((1, 3, 10, 8), DType::F32, &Device::Cpu).unwrap()).is_err());
+        assert!(g
+            .forward(&Tensor::zeros((1, 3, 10, 8), DType::F32, &Device::Cpu).unwrap())
+            .is_err());
     }
 
     #[test]
@@ -253,7 +331,14 @@ mod tests {
             .unwrap();
         let ours = upsample2(&x).unwrap();
         let theirs = x.upsample_nearest2d(8, 10).unwrap();
-        let diff: f32 = (ours - theirs).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 

@@ -7,10 +7,16 @@
 //! - [`generator`]: the generator (what `p2pz apply` and the app's Instant run);
 //! - [`discriminator`]: the PatchGAN critic;
 //! - [`losses`]: L1, perceptual and adversarial;
-//! - [`train`]: the training loop.
+//! - [`train`]: the training loop;
+//! - [`file`]: generator files (weights and a header saying what they do);
+//! - [`params`]: seeded trainable parameters.
 
-pub mod pairs;
-pub mod teacher;
 pub mod depthwise;
+pub mod discriminator;
+pub mod file;
 pub mod generator;
+pub mod losses;
+pub mod pairs;
 pub mod params;
+pub mod teacher;
+pub mod train;

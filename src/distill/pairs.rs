@@ -436,13 +436,7 @@ mod tests {
             .collect();
         all.sort();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
-        assert_eq!(
-            Shard::parse("2/4").unwrap(),
-            Shard {
-                index: 2,
-                count: 4
-            }
-        );
+        assert_eq!(Shard::parse("2/4").unwrap(), Shard { index: 2, count: 4 });
         for bad in ["4/4", "1", "a/2", "0/0"] {
             assert!(Shard::parse(bad).is_err(), "{bad}");
         }

@@ -30,8 +30,19 @@ impl SeededParams {
 }
 
 impl SimpleBackend for SeededParams {
-    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
-        let mut vars = self.vars.data().lock().expect("the variable map is not poisoned");
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut vars = self
+            .vars
+            .data()
+            .lock()
+            .expect("the variable map is not poisoned");
         if let Some(var) = vars.get(name) {
             if var.shape() != &shape {
                 candle_core::bail!("`{name}` has shape {:?}, not {shape:?}", var.shape());
@@ -44,7 +55,9 @@ impl SimpleBackend for SeededParams {
                 let mut rng = self.rng.lock().expect("the generator is not poisoned");
                 ((rng.randn(shape, dtype, device)? * stdev)? + mean)?
             }
-            other => candle_core::bail!("SeededParams draws only constants and normals, not {other:?}"),
+            other => {
+                candle_core::bail!("SeededParams draws only constants and normals, not {other:?}")
+            }
         };
         let var = Var::from_tensor(&tensor)?;
         let tensor = var.as_tensor().clone();
@@ -53,7 +66,11 @@ impl SimpleBackend for SeededParams {
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _device: &Device) -> Result<Tensor> {
-        let vars = self.vars.data().lock().expect("the variable map is not poisoned");
+        let vars = self
+            .vars
+            .data()
+            .lock()
+            .expect("the variable map is not poisoned");
         match vars.get(name) {
             Some(var) => Ok(var.as_tensor().clone()),
             None => candle_core::bail!("no variable `{name}`"),
@@ -61,14 +78,21 @@ impl SimpleBackend for SeededParams {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        let vars = self.vars.data().lock().expect("the variable map is not poisoned");
+        let vars = self
+            .vars
+            .data()
+            .lock()
+            .expect("the variable map is not poisoned");
         vars.contains_key(name)
     }
 }
 
 /// The variables of `vars`, sorted by name (a stable order for files and optimisers).
 pub fn sorted(vars: &VarMap) -> Vec<(String, Var)> {
-    let data = vars.data().lock().expect("the variable map is not poisoned");
+    let data = vars
+        .data()
+        .lock()
+        .expect("the variable map is not poisoned");
     let mut all: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     all.sort_by(|a, b| a.0.cmp(&b.0));
     all

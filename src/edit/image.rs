@@ -31,7 +31,7 @@ pub struct WorkingImage {
 /// Working size `(width, height)` for a photo of `(w, h)`: the long side becomes `size`, the short
 /// side keeps the aspect ratio, both rounded to multiples of 64 (at least 64).
 pub fn working_size((w, h): (u32, u32), size: usize) -> Result<(usize, usize)> {
-    if size < SIDE_MULTIPLE || size % SIDE_MULTIPLE != 0 {
+    if size < SIDE_MULTIPLE || !size.is_multiple_of(SIDE_MULTIPLE) {
         return Err(Error::Input(format!(
             "working size {size} is not a multiple of {SIDE_MULTIPLE}: use e.g. --size 512 or --size 256"
         )));
@@ -59,8 +59,9 @@ fn flatten_to_rgb(image: DynamicImage) -> RgbImage {
     })
 }
 
-/// Reads a photo, applies its EXIF orientation, flattens it to RGB and resizes it to `size`.
-pub fn load(path: &Path, size: usize) -> Result<WorkingImage> {
+/// Reads a photo at its own size: EXIF orientation applied, flattened to RGB. Also returns the
+/// FNV-1a hash of the file's bytes.
+pub fn load_oriented(path: &Path) -> Result<(RgbImage, u64)> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::Input(format!("cannot read image `{}`: {e}", path.display())))?;
     let unreadable = |e: &dyn std::fmt::Display| {
@@ -77,7 +78,12 @@ pub fn load(path: &Path, size: usize) -> Result<WorkingImage> {
     let orientation = decoder.orientation().map_err(|e| unreadable(&e))?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| unreadable(&e))?;
     image.apply_orientation(orientation);
-    let rgb = flatten_to_rgb(image);
+    Ok((flatten_to_rgb(image), crate::edit::direction::fnv1a(&bytes)))
+}
+
+/// Reads a photo, applies its EXIF orientation, flattens it to RGB and resizes it to `size`.
+pub fn load(path: &Path, size: usize) -> Result<WorkingImage> {
+    let (rgb, hash) = load_oriented(path)?;
     let original_size = rgb.dimensions();
     let (w, h) = working_size(original_size, size)?;
     let pixels = image::imageops::resize(
@@ -89,7 +95,7 @@ pub fn load(path: &Path, size: usize) -> Result<WorkingImage> {
     Ok(WorkingImage {
         pixels,
         original_size,
-        hash: crate::edit::direction::fnv1a(&bytes),
+        hash,
     })
 }
 

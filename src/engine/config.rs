@@ -338,7 +338,7 @@ impl UNetConfig {
         let levels = (0..n)
             .map(|i| {
                 let channels = raw.block_out_channels[i];
-                if channels % raw.norm_num_groups != 0 || channels % heads[i] != 0 {
+                if !channels.is_multiple_of(raw.norm_num_groups) || !channels.is_multiple_of(heads[i]) {
                     return Err(Error::Unsupported(format!(
                         "unet/config.json: {channels} channels do not split into {} groups and {} heads",
                         raw.norm_num_groups, heads[i]
@@ -518,7 +518,10 @@ impl TextEncoderConfig {
                 )));
             }
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
             return Err(Error::Unsupported(format!(
                 "text_encoder/config.json: hidden size {} does not split into {} heads",
                 config.hidden_size, config.num_attention_heads

@@ -45,7 +45,11 @@ pub struct Progress {
 /// Checks an image size against what the UNet can take.
 pub fn check_image_size(model: &StableDiffusion, width: usize, height: usize) -> Result<()> {
     let multiple = model.vae_scale() * model.unet.config().downsample_factor();
-    if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+    if width == 0
+        || height == 0
+        || !width.is_multiple_of(multiple)
+        || !height.is_multiple_of(multiple)
+    {
         return Err(Error::Input(format!(
             "image size {width}x{height} is not a positive multiple of {multiple}: pick e.g. 512x512"
         )));

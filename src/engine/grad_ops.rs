@@ -333,7 +333,7 @@ impl GroupNorm {
         channels: usize,
         eps: f64,
     ) -> Result<Self> {
-        if channels % groups != 0 {
+        if !channels.is_multiple_of(groups) {
             candle_core::bail!("group norm: {channels} channels do not split into {groups} groups")
         }
         Ok(Self {

@@ -103,6 +103,12 @@ pub fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     })
 }
 
+/// Loads only the VAE of `files`, for commands that need nothing else.
+pub fn load_vae(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Vae> {
+    let (cfg, w) = (&files.vae.0, &files.vae.1);
+    Vae::load(open_weights(w, dtype, device)?, VaeConfig::load(cfg)?).map_err(weights_error(w, cfg))
+}
+
 impl StableDiffusion {
     /// Loads every component of `files` onto `device` in `dtype` (f32 on the CPU).
     pub fn load(files: ModelFiles, device: &Device, dtype: DType) -> Result<Self> {

@@ -114,6 +114,16 @@ impl Encoder {
         })
     }
 
+    /// The features after `conv_in` and after each of the first `blocks` down blocks.
+    fn features(&self, x: &Tensor, blocks: usize) -> Result<Vec<Tensor>> {
+        let mut features = vec![self.conv_in.forward(x)?];
+        for block in self.down.iter().take(blocks) {
+            let h = block.forward(features.last().expect("non-empty"))?;
+            features.push(h);
+        }
+        Ok(features)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(x)?;
         for block in &self.down {
@@ -224,6 +234,12 @@ impl Vae {
             mean: moments.narrow(1, 0, lc)?,
             logvar: moments.narrow(1, lc, lc)?.clamp(-30f32, 20f32)?,
         })
+    }
+
+    /// The encoder's features of `image` (in `[-1, 1]`) after its first convolution and each of
+    /// its first `blocks` down blocks: what the distillation's perceptual loss compares.
+    pub fn encoder_features(&self, image: &Tensor, blocks: usize) -> Result<Vec<Tensor>> {
+        self.encoder.features(image, blocks)
     }
 
     /// `image` in `[-1, 1]` → latent `(b, 4, h/8, w/8)` scaled by `scaling_factor`.

@@ -564,7 +564,7 @@ impl EditObserver for StepEvents<'_> {
         )?;
         self.outbox.send(Event::Attention(reduced));
         let last = step.index + 1 == step.total;
-        if self.preview_every > 0 && (step.index + 1) % self.preview_every == 0 && !last {
+        if self.preview_every > 0 && (step.index + 1).is_multiple_of(self.preview_every) && !last {
             let image = latent_to_rgb(self.model, step.predicted_x0)?;
             self.outbox.send(Event::Preview {
                 step: step.index,
