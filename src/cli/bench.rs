@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use clap::Args;
+use pix2pix_zero::distill::generator::{Generator, GeneratorConfig};
+use pix2pix_zero::distill::params::SeededParams;
 use pix2pix_zero::edit::guidance::cross_attention_loss;
 use pix2pix_zero::engine::control::{AttentionKind, Keep, Recorder};
 use pix2pix_zero::engine::rng::Rng;
@@ -23,7 +25,7 @@ use super::full_size::{random_weights, sd15_unet, sd15_vae, RandomWeights};
 use super::{describe_device, DeviceChoice, Precision};
 
 /// Every case, in the order they run.
-const CASES: [&str; 7] = [
+const CASES: [&str; 8] = [
     "unet_fwd_b1",
     "unet_fwd_b2",
     "unet_fwdbwd_b1",
@@ -31,6 +33,7 @@ const CASES: [&str; 7] = [
     "vae_encode",
     "vae_decode",
     "unet_fwdbwd_b2",
+    "generator",
 ];
 
 /// Arguments of `p2pz bench`.
@@ -43,7 +46,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     repeats: usize,
     /// Cases to run (default: all): unet_fwd_b1, unet_fwd_b2, unet_fwdbwd_b1, unet_fwdbwd_b2,
-    /// guidance_b1, vae_encode, vae_decode.
+    /// guidance_b1, vae_encode, vae_decode, generator (the distilled generator, f32, one image).
     #[arg(long, value_delimiter = ',')]
     cases: Vec<String>,
     /// Also write the results as JSON.
@@ -113,7 +116,19 @@ fn worker(
     let latent = size / 8;
     let mut rng = Rng::new(0);
     let start = Instant::now();
-    let seconds = if case.starts_with("vae") {
+    let seconds = if case == "generator" {
+        let vars = candle_nn::VarMap::new();
+        let generator = Generator::new(
+            SeededParams::builder(&vars, 0, &dev),
+            GeneratorConfig::default(),
+        )?;
+        let build_s = start.elapsed().as_secs_f64();
+        let image = (rng.randn((1, 3, size, size), DType::F32, &dev)? * 0.5)?;
+        let seconds = time(&dev, repeats, || {
+            generator.forward(&image).map(drop).map_err(Into::into)
+        })?;
+        (build_s, seconds)
+    } else if case.starts_with("vae") {
         let vae = Vae::load(vb().pp("vae"), sd15_vae()?)?;
         let build_s = start.elapsed().as_secs_f64();
         let image = (rng.randn((1, 3, size, size), dtype, &dev)? * 0.5)?;
@@ -253,7 +268,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             let m: Measurement = serde_json::from_slice(&output.stdout)?;
             println!(
-                "{:<16} {:>5} {:>10.2} {:>10.1} {:>12.0}",
+                "{:<16} {:>5} {:>10.3} {:>10.1} {:>12.0}",
                 m.case,
                 m.size,
                 median(&m.seconds),

@@ -28,7 +28,7 @@ pub struct DistillArgs {
     /// The generator file to write (e.g. cat2dog.generator.safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// Side of the square training crops (a multiple of 8).
+    /// Side of the square training crops (a multiple of 8, at least 32).
     #[arg(long, default_value_t = 256)]
     size: usize,
     /// Training iterations.

@@ -2,9 +2,7 @@
 //! pair as real (the teacher's edit) or made (the generator's).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
-
-use super::generator::conv3x3;
+use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
 
 /// Channels of the first layer by default.
 pub const DEFAULT_WIDTH: usize = 32;
@@ -17,6 +15,22 @@ pub struct Discriminator {
     score: Conv2d,
 }
 
+/// A `kernel × kernel` convolution with He-initialised weights and a zero bias.
+fn conv(vb: VarBuilder, c_in: usize, c_out: usize, stride: usize, kernel: usize) -> Result<Conv2d> {
+    let init = Init::Randn {
+        mean: 0.0,
+        stdev: (2.0 / (c_in * kernel * kernel) as f64).sqrt(),
+    };
+    let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", init)?;
+    let bias = vb.get_with_hints(c_out, "bias", Init::Const(0.0))?;
+    let config = Conv2dConfig {
+        padding: (kernel - 1) / 2,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(weight, Some(bias), config))
+}
+
 fn leaky_relu(x: &Tensor) -> Result<Tensor> {
     x.maximum(&(x * 0.2)?)
 }
@@ -27,19 +41,18 @@ impl Discriminator {
         let channels = [6, width, 2 * width, 4 * width];
         let layers = (0..3)
             .map(|i| {
-                conv3x3(
+                conv(
                     vb.pp(format!("layers.{i}")),
                     channels[i],
                     channels[i + 1],
                     2,
                     4,
-                    false,
                 )
             })
             .collect::<Result<_>>()?;
         Ok(Self {
             layers,
-            score: conv3x3(vb.pp("score"), 4 * width, 1, 1, 3, false)?,
+            score: conv(vb.pp("score"), 4 * width, 1, 1, 3)?,
         })
     }
 

@@ -1,38 +1,40 @@
 //! The distilled generator: a small image-to-image network that makes one edit in one pass.
 //!
-//! A ResNet generator in the spirit of GAN Compression's mobile variant: two strided 3×3
-//! convolutions down to a quarter of the size, residual blocks of depthwise-separable
-//! convolutions there, and two nearest-neighbour upsamplings with separable convolutions back,
-//! each adding the encoder's features of its size (U-Net-style skips that carry the photo's
-//! detail). The last convolution starts at zero and its output is added to the input, so an
-//! untrained generator is the identity and training learns only what the edit changes.
+//! A ResNet generator in the spirit of GAN Compression's mobile variant, made only of
+//! depthwise-separable convolutions. The photo is folded into half-size planes (each 2×2 block
+//! of pixels becomes 12 channels), so nothing runs at full size; two more folds go down to an
+//! eighth; residual blocks work there; two nearest-neighbour upsamplings come back, each adding
+//! the encoder's features of its size (U-Net-style skips that carry the photo's detail). The
+//! last layer makes 12 channels that unfold into a full-size RGB change; it starts at zero and
+//! the change is added to the input, so an untrained generator is the identity and training
+//! learns only what the edit changes.
 //!
-//! With the default width of 16 it costs about 2.1 GMACs at 512² (see [`GeneratorConfig::macs`]).
+//! With the default width of 24 it costs about 0.9 GMACs at 512² (see [`GeneratorConfig::macs`]).
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::depthwise::depthwise3x3;
 
 /// The architecture's name in generator files.
 pub const ARCHITECTURE: &str = "p2pz-mobile-resnet-v1";
-/// Image sides must be multiples of this (two stride-2 stages).
-pub const STRIDE: usize = 4;
+/// Image sides must be multiples of this (the fold and two stride-2 stages).
+pub const STRIDE: usize = 8;
 
 /// The generator's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GeneratorConfig {
-    /// Channels at full size; twice that at half size and four times at a quarter.
+    /// Channels at half size; twice that at a quarter and four times at an eighth.
     pub width: usize,
-    /// Residual blocks at a quarter size.
+    /// Residual blocks at an eighth of the size.
     pub blocks: usize,
 }
 
 impl Default for GeneratorConfig {
     fn default() -> Self {
         Self {
-            width: 16,
+            width: 24,
             blocks: 6,
         }
     }
@@ -41,52 +43,29 @@ impl Default for GeneratorConfig {
 impl GeneratorConfig {
     /// Multiply-accumulates of one image of `width × height`.
     pub fn macs(&self, width: usize, height: usize) -> u64 {
-        let full = (width * height) as u64;
-        let (half, quarter) = (full / 4, full / 16);
+        let half = (width * height) as u64 / 4;
+        let (quarter, eighth) = (half / 4, half / 16);
         let c = self.width as u64;
-        let conv = |pixels: u64, c_in: u64, c_out: u64| pixels * c_in * c_out * 9;
         let separable = |pixels: u64, c_in: u64, c_out: u64| pixels * c_in * (9 + c_out);
-        conv(full, 3, c)
-            + conv(half, c, 2 * c)
-            + conv(quarter, 2 * c, 4 * c)
-            + self.blocks as u64 * 2 * separable(quarter, 4 * c, 4 * c)
-            + separable(half, 4 * c, 2 * c)
-            + separable(full, 2 * c, c)
-            + conv(full, c, 3)
+        separable(half, 12, c)
+            + separable(quarter, 4 * c, 2 * c)
+            + separable(eighth, 8 * c, 4 * c)
+            + self.blocks as u64 * 2 * separable(eighth, 4 * c, 4 * c)
+            + separable(quarter, 4 * c, 2 * c)
+            + separable(half, 2 * c, c)
+            + separable(half, c, 12)
     }
 }
 
-/// A 3×3 convolution with He-initialised weights (or zeros) and a zero bias.
-pub(super) fn conv3x3(
-    vb: VarBuilder,
-    c_in: usize,
-    c_out: usize,
-    stride: usize,
-    kernel: usize,
-    zero: bool,
-) -> Result<Conv2d> {
-    let init = if zero {
-        Init::Const(0.0)
-    } else {
-        Init::Randn {
-            mean: 0.0,
-            stdev: (2.0 / (c_in * kernel * kernel) as f64).sqrt(),
-        }
-    };
-    let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", init)?;
-    let bias = vb.get_with_hints(c_out, "bias", Init::Const(0.0))?;
-    let config = Conv2dConfig {
-        padding: (kernel - 1) / 2,
-        stride,
-        ..Default::default()
-    };
-    Ok(Conv2d::new(weight, Some(bias), config))
-}
-
 /// A depthwise 3×3 convolution followed by a 1×1 convolution.
+///
+/// The depthwise kernels are stored as their difference from the identity kernel (a one in the
+/// centre), which starts small: each layer starts by passing its input through nearly
+/// unchanged instead of scrambling it spatially, and learns much faster for it.
 #[derive(Debug, Clone)]
 struct Separable {
     depthwise: Tensor,
+    identity: Tensor,
     depthwise_bias: Tensor,
     pointwise: Tensor,
     pointwise_bias: Tensor,
@@ -106,7 +85,16 @@ impl Separable {
             normal(c_in)
         };
         Ok(Self {
-            depthwise: vb.get_with_hints((c_in, 1, 3, 3), "depthwise.weight", normal(9))?,
+            depthwise: vb.get_with_hints(
+                (c_in, 1, 3, 3),
+                "depthwise.weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.1,
+                },
+            )?,
+            identity: Tensor::new(&[0f32, 0., 0., 0., 1., 0., 0., 0., 0.], vb.device())?
+                .reshape((1, 1, 3, 3))?,
             depthwise_bias: vb.get_with_hints(c_in, "depthwise.bias", Init::Const(0.0))?,
             pointwise: vb.get_with_hints((c_out, c_in), "pointwise.weight", pointwise_init)?,
             pointwise_bias: vb.get_with_hints(c_out, "pointwise.bias", Init::Const(0.0))?,
@@ -117,8 +105,9 @@ impl Separable {
 impl Module for Separable {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let x = depthwise3x3(x, &self.depthwise)?
-            .broadcast_add(&self.depthwise_bias.reshape((1, c, 1, 1))?)?;
+        let kernel = self.depthwise.broadcast_add(&self.identity)?;
+        let x =
+            depthwise3x3(x, &kernel)?.broadcast_add(&self.depthwise_bias.reshape((1, c, 1, 1))?)?;
         let c_out = self.pointwise.dim(0)?;
         self.pointwise
             .broadcast_matmul(&x.reshape((n, c, h * w))?)?
@@ -151,15 +140,34 @@ fn upsample2(x: &Tensor) -> Result<Tensor> {
         .reshape((n, c, 2 * h, 2 * w))
 }
 
+/// Folds each 2×2 block of pixels into channels: `(n, c, h, w)` → `(n, 4c, h/2, w/2)`.
+fn fold(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    x.reshape((n, c, h / 2, 2, w / 2, 2))?
+        .permute((0, 1, 3, 5, 2, 4))?
+        .contiguous()?
+        .reshape((n, 4 * c, h / 2, w / 2))
+}
+
+/// The inverse of [`fold`]: `(n, 4c, h, w)` → `(n, c, 2h, 2w)`.
+fn unfold(x: &Tensor) -> Result<Tensor> {
+    let (n, c4, h, w) = x.dims4()?;
+    let c = c4 / 4;
+    x.reshape((n, c, 2, 2, h, w))?
+        .permute((0, 1, 4, 2, 5, 3))?
+        .contiguous()?
+        .reshape((n, c, 2 * h, 2 * w))
+}
+
 /// The generator.
 #[derive(Debug, Clone)]
 pub struct Generator {
     config: GeneratorConfig,
-    stem: Conv2d,
-    down: [Conv2d; 2],
+    stem: Separable,
+    down: [Separable; 2],
     blocks: Vec<ResidualBlock>,
     up: [Separable; 2],
-    head: Conv2d,
+    head: Separable,
 }
 
 impl Generator {
@@ -180,17 +188,17 @@ impl Generator {
             .collect::<Result<_>>()?;
         Ok(Self {
             config,
-            stem: conv3x3(vb.pp("stem"), 3, c, 1, 3, false)?,
+            stem: Separable::new(vb.pp("stem"), 12, c, false)?,
             down: [
-                conv3x3(vb.pp("down.0"), c, 2 * c, 2, 3, false)?,
-                conv3x3(vb.pp("down.1"), 2 * c, 4 * c, 2, 3, false)?,
+                Separable::new(vb.pp("down.0"), 4 * c, 2 * c, false)?,
+                Separable::new(vb.pp("down.1"), 8 * c, 4 * c, false)?,
             ],
             blocks,
             up: [
                 Separable::new(vb.pp("up.0"), 4 * c, 2 * c, false)?,
                 Separable::new(vb.pp("up.1"), 2 * c, c, false)?,
             ],
-            head: conv3x3(vb.pp("head"), c, 3, 1, 3, true)?,
+            head: Separable::new(vb.pp("head"), c, 12, true)?,
         })
     }
 
@@ -208,15 +216,15 @@ impl Generator {
                 "the generator needs sides that are multiples of {STRIDE}, not {w}×{h}"
             );
         }
-        let full = self.stem.forward(images)?.relu()?;
-        let half = self.down[0].forward(&full)?.relu()?;
-        let mut x = self.down[1].forward(&half)?.relu()?;
+        let half = self.stem.forward(&fold(images)?)?.relu()?;
+        let quarter = self.down[0].forward(&fold(&half)?)?.relu()?;
+        let mut x = self.down[1].forward(&fold(&quarter)?)?.relu()?;
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
-        let x = (self.up[0].forward(&upsample2(&x)?)?.relu()? + half)?;
-        let x = (self.up[1].forward(&upsample2(&x)?)?.relu()? + full)?;
-        images + self.head.forward(&x)?
+        let x = (self.up[0].forward(&upsample2(&x)?)?.relu()? + quarter)?;
+        let x = (self.up[1].forward(&upsample2(&x)?)?.relu()? + half)?;
+        images + unfold(&self.head.forward(&x)?)?
     }
 }
 
@@ -304,7 +312,7 @@ mod tests {
             GeneratorConfig::default(),
         )
         .unwrap();
-        for (h, w) in [(8, 12), (36, 20)] {
+        for (h, w) in [(8, 16), (40, 24)] {
             let x = crate::engine::rng::Rng::new(2)
                 .randn((2, 3, h, w), DType::F32, &Device::Cpu)
                 .unwrap();
@@ -325,10 +333,22 @@ mod tests {
     }
 
     #[test]
-    fn upsampling_matches_candle() {
+    fn folding_is_undone_and_upsampling_matches_candle() {
         let x = crate::engine::rng::Rng::new(3)
             .randn((2, 3, 4, 5), DType::F32, &Device::Cpu)
             .unwrap();
+        let back = unfold(&fold(&x.upsample_nearest2d(8, 10).unwrap()).unwrap()).unwrap();
+        let same: f32 = (back - x.upsample_nearest2d(8, 10).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(same, 0.0);
+        let folded = fold(&x.upsample_nearest2d(8, 10).unwrap()).unwrap();
+        assert_eq!(folded.dims(), &[2, 12, 4, 5]);
         let ours = upsample2(&x).unwrap();
         let theirs = x.upsample_nearest2d(8, 10).unwrap();
         let diff: f32 = (ours - theirs)
@@ -343,8 +363,8 @@ mod tests {
     }
 
     #[test]
-    fn the_default_is_about_two_gigamacs_at_512() {
+    fn the_default_is_well_under_five_gigamacs_at_512() {
         let macs = GeneratorConfig::default().macs(512, 512);
-        assert!((1.5e9..5e9).contains(&(macs as f64)), "{macs}");
+        assert!((0.5e9..5e9).contains(&(macs as f64)), "{macs}");
     }
 }

@@ -70,12 +70,11 @@ pub struct TrainSettings {
 impl TrainSettings {
     /// Refuses settings that cannot train.
     pub fn check(&self) -> Result<()> {
-        if self.size < 8 * STRIDE || !self.size.is_multiple_of(2 * STRIDE) {
+        if self.size < 4 * STRIDE || !self.size.is_multiple_of(STRIDE) {
             return Err(Error::Input(format!(
-                "--size {} cannot train: use a multiple of {} of at least {} (256 is the default)",
+                "--size {} cannot train: use a multiple of {STRIDE} of at least {} (256 is the default)",
                 self.size,
-                2 * STRIDE,
-                8 * STRIDE
+                4 * STRIDE
             )));
         }
         if self.batch == 0 || self.iterations == 0 {
