@@ -8,15 +8,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use pix2pix_zero::distill::make::{make_pairs, PairProgress, PairSource};
 use pix2pix_zero::distill::pairs::{
-    holds_word, pair_seed, replace_word, DirectionSpec, PairFolder, PairOrigin, PairRecord,
-    PairSettings, Shard, DEFAULT_TEST_EVERY,
+    holds_word, DirectionSpec, PairFolder, PairOrigin, PairSettings, Shard, DEFAULT_TEST_EVERY,
 };
-use pix2pix_zero::distill::teacher;
 use pix2pix_zero::edit::direction::{self, fnv1a, EmbeddingCache, SentenceSource};
 use pix2pix_zero::edit::image as photo;
 use pix2pix_zero::edit::sentences::{self, DEFAULT_SENTENCES};
-use pix2pix_zero::edit::EditorProgress;
 use pix2pix_zero::engine::{Error, StableDiffusion};
 
 use super::editing::{cancel_on_ctrl_c, load_captioner, XA_REAL, XA_SYNTHETIC};
@@ -285,13 +283,8 @@ fn make(
         .progress_chars("=> "),
     );
     let mut captioner = None;
-    let started = Instant::now();
-    for (done, &k) in todo.iter().enumerate() {
-        let seed = pair_seed(settings.seed, k);
-        let mut progress = |p: EditorProgress| {
-            bar.set_message(format!("pair {k}: {} {}/{}", p.stage, p.step, p.total));
-        };
-        let result = match sources {
+    let mut source = |k: usize, seed: u64| -> pix2pix_zero::engine::Result<PairSource> {
+        Ok(match sources {
             Sources::Photos {
                 files,
                 captions,
@@ -302,72 +295,68 @@ fn make(
                     Some(lines) => lines[k % lines.len()].clone(),
                     None => {
                         if captioner.is_none() {
-                            captioner = Some(load_captioner(spec, &model.device)?);
+                            captioner = Some(
+                                load_captioner(spec, &model.device)
+                                    .map_err(|e| Error::Input(format!("{e:#}")))?,
+                            );
                         }
-                        let blip = captioner.as_mut().expect("just loaded");
-                        blip.caption(&image.pixels)?
+                        captioner
+                            .as_mut()
+                            .expect("just loaded")
+                            .caption(&image.pixels)?
                     }
                 };
-                let record = record(settings, k, seed, caption, files[k].file_name());
-                teacher::photo_pair(
-                    &model,
-                    &record,
-                    &image.pixels,
-                    image.hash,
-                    &direction,
-                    &mut progress,
-                    &cancel,
-                )
-                .map(|edited| (record, image.pixels, edited))
+                let name = files[k]
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                PairSource::Photo {
+                    image: image.pixels,
+                    hash: image.hash,
+                    caption,
+                    name,
+                }
             }
-            Sources::Captions(lines) => {
-                let record = record(settings, k, seed, lines[k % lines.len()].clone(), None);
-                teacher::synthetic_pair(&model, &record, &direction, &mut progress, &cancel)
-                    .map(|(a, b)| (record, a, b))
-            }
+            Sources::Captions(lines) => PairSource::Caption(lines[k % lines.len()].clone()),
             Sources::Generated => {
-                let caption = sentences::generate(&settings.from, 1, seed)?.remove(0);
-                let record = record(settings, k, seed, caption, None);
-                teacher::synthetic_pair(&model, &record, &direction, &mut progress, &cancel)
-                    .map(|(a, b)| (record, a, b))
+                PairSource::Caption(sentences::generate(&settings.from, 1, seed)?.remove(0))
             }
-        };
-        match result {
-            Ok((record, source, edited)) => folder.write(&record, &source, &edited)?,
-            Err(Error::Cancelled) => {
-                bar.abandon();
-                folder.write_index()?;
-                bail!("stopped after {done} new pairs; the same command resumes where it stopped");
-            }
-            Err(e) => return Err(e.into()),
-        }
-        bar.inc(1);
-    }
-    bar.finish();
-    eprintln!(
-        "made {} pairs in {:.1} s",
-        todo.len(),
-        started.elapsed().as_secs_f64()
+        })
+    };
+    let started = Instant::now();
+    let result = make_pairs(
+        &model,
+        settings,
+        folder,
+        todo,
+        &direction,
+        &mut source,
+        &mut |p: PairProgress| {
+            bar.set_position(p.done as u64);
+            bar.set_message(format!(
+                "pair {}: {} {}/{}",
+                p.pair, p.step.stage, p.step.step, p.step.total
+            ));
+        },
+        &cancel,
     );
-    Ok(())
-}
-
-fn record(
-    settings: &PairSettings,
-    k: usize,
-    seed: u64,
-    caption: String,
-    photo: Option<&std::ffi::OsStr>,
-) -> PairRecord {
-    PairRecord {
-        index: k,
-        file: PairFolder::file_name(k),
-        split: if settings.is_test(k) { "test" } else { "train" }.into(),
-        pair_seed: seed,
-        target_caption: replace_word(&caption, &settings.from, &settings.to),
-        source_caption: caption,
-        photo: photo.map(|p| p.to_string_lossy().into_owned()),
-        settings: settings.clone(),
+    match result {
+        Ok(()) => {
+            bar.finish();
+            eprintln!(
+                "made {} pairs in {:.1} s",
+                todo.len(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(Error::Cancelled) => {
+            bar.abandon();
+            folder.write_index()?;
+            bail!("stopped; the same command resumes where it stopped")
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

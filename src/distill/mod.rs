@@ -2,7 +2,7 @@
 //! conditional generator that then makes it in milliseconds on any photo.
 //!
 //! - [`pairs`]: the training pairs' folder: deterministic, shardable, resumable;
-//! - [`teacher`]: one pair from the diffusion editor;
+//! - [`teacher`]: one pair from the diffusion editor, and [`make`]: the loop that makes a shard;
 //! - [`depthwise`]: the generator's depthwise 3×3 convolution, a CPU kernel with its gradients;
 //! - [`generator`]: the generator (what `p2pz apply` and the app's Instant run);
 //! - [`discriminator`]: the PatchGAN critic;
@@ -16,6 +16,7 @@ pub mod discriminator;
 pub mod file;
 pub mod generator;
 pub mod losses;
+pub mod make;
 pub mod pairs;
 pub mod params;
 pub mod teacher;
