@@ -25,6 +25,7 @@ fn options(dir: &Path, model: &str) -> AppOptions {
     let worker = WorkerConfig {
         captioner: fixtures().join("tiny-blip").display().to_string(),
         embedding_cache: dir.join("embeddings"),
+        generators: dir.join("generators"),
         sentences: 16,
         resolve: ResolveOptions {
             cache_dir: dir.join("hub"),
@@ -61,9 +62,19 @@ fn harness_sized(
 
 /// Steps the UI until `done` holds, as a person would wait.
 fn wait(h: &mut Harness<'static, P2pzApp>, what: &str, done: impl Fn(&P2pzApp) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now()
+        + Duration::from_secs(
+            std::env::var("P2PZ_TEST_WAIT_S")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(600),
+        );
     while !done(h.state()) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; messages: {:?}",
+            h.state().state.notices
+        );
         h.step();
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -74,10 +85,13 @@ fn idle_with_result(app: &P2pzApp) -> bool {
     app.state.result.is_some() && !app.state.busy()
 }
 
-/// Clicks the widget labelled `label`, scrolling it into view first, as a person would.
+/// Clicks the widget labelled `label`, scrolling it into view first, as a person would (the
+/// scroll is animated over a few frames).
 fn click(h: &mut Harness<'static, P2pzApp>, label: &str) {
     h.get_by_label(label).scroll_to_me();
-    h.step();
+    for _ in 0..10 {
+        h.step();
+    }
     h.get_by_label(label).click();
     h.step();
     h.step();
@@ -790,4 +804,226 @@ fn at_1280_by_720_the_scrubbed_controls_run_and_progress_are_in_view() {
         rect.width(),
         wider.width()
     );
+}
+
+/// A cat → dog generator file whose output differs from its input (its last layer is not zero).
+fn cat_to_dog_generator(path: &Path) {
+    use pix2pix_zero::distill::file::{encode, GeneratorHeader, HeldOutScores};
+    use pix2pix_zero::distill::generator::{Generator, GeneratorConfig, ARCHITECTURE};
+    use pix2pix_zero::distill::params::{sorted, SeededParams};
+    let device = candle_core::Device::Cpu;
+    let vars = candle_nn::VarMap::new();
+    let config = GeneratorConfig {
+        width: 4,
+        blocks: 1,
+    };
+    Generator::new(SeededParams::builder(&vars, 1, &device), config).unwrap();
+    let weights: Vec<(String, candle_core::Tensor)> = sorted(&vars)
+        .into_iter()
+        .map(|(name, var)| {
+            let t = var.as_tensor().clone();
+            let t = if name.starts_with("head.") {
+                (t + 0.05).unwrap()
+            } else {
+                t
+            };
+            (name, t)
+        })
+        .collect();
+    let header = GeneratorHeader {
+        architecture: ARCHITECTURE.into(),
+        config,
+        train_size: 64,
+        from: Some("cat".into()),
+        to: Some("dog".into()),
+        direction: None,
+        model: None,
+        pairs: 12,
+        iterations: 1,
+        scores: Some(HeldOutScores {
+            pairs: 3,
+            psnr: 21.0,
+            identity_psnr: 9.0,
+        }),
+    };
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, encode(&weights, &header).unwrap()).unwrap();
+}
+
+#[test]
+fn a_generator_for_the_words_shows_an_instant_result_that_the_toggle_and_refine_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let imported = dir.path().join("downloads/cat2dog.generator.safetensors");
+    cat_to_dog_generator(&imported);
+    let mut h = harness(
+        dir.path(),
+        &fixtures().join("tiny-sd").display().to_string(),
+        false,
+    );
+    let photo = photo_in(dir.path());
+    open_and_describe(&mut h, &photo);
+    assert!(
+        h.state().state.result.is_none(),
+        "no generator yet, so no result"
+    );
+    h.get_by_label("Generator file")
+        .set_text_value_accesskit(&imported.display().to_string());
+    h.step();
+    click(&mut h, "Import");
+    wait(&mut h, "the instant result", |app| {
+        app.state
+            .result
+            .as_ref()
+            .is_some_and(|r| r.instant.is_some())
+            && !app.state.busy()
+    });
+    let state = &h.state().state;
+    assert_eq!(
+        state.generators.len(),
+        1,
+        "the import landed in the generator folder"
+    );
+    assert!(state.generators[0]
+        .path
+        .starts_with(dir.path().join("generators")));
+    let shown = result(&h);
+    let working = h.state().state.photo.as_ref().unwrap().working.clone();
+    assert_eq!(shown.image.dimensions(), working.dimensions());
+    assert_ne!(*shown.image, *working, "the generator changed the photo");
+    assert!(
+        last_notice(&h)
+            .text
+            .contains("instant result of the cat to dog generator"),
+        "{:?}",
+        last_notice(&h)
+    );
+
+    // Off: the instant result goes, and new words bring none.
+    click(&mut h, "Instant results");
+    assert!(!h.state().state.persisted.instant);
+    assert!(h.state().state.result.is_none());
+    h.get_by_label("Target word")
+        .set_text_value_accesskit("cow");
+    h.step();
+    h.get_by_label("Target word")
+        .set_text_value_accesskit("dog");
+    for _ in 0..20 {
+        h.step();
+    }
+    assert!(
+        h.state().state.result.is_none(),
+        "no instant result while the toggle is off"
+    );
+
+    // On again: it comes back at once, and export writes it at the photo's size.
+    click(&mut h, "Instant results");
+    wait(&mut h, "the instant result again", |app| {
+        app.state
+            .result
+            .as_ref()
+            .is_some_and(|r| r.instant.is_some())
+            && !app.state.busy()
+    });
+    let out = dir.path().join("instant.png");
+    h.get_by_label("Export path")
+        .set_text_value_accesskit(&out.display().to_string());
+    h.step();
+    click(&mut h, "Export");
+    wait(&mut h, "the export", |app| {
+        !app.state.busy() && !app.state.export.written.is_empty()
+    });
+    let exported = image::open(&out).unwrap().to_rgb8();
+    let original = image::open(&photo).unwrap().to_rgb8();
+    assert_eq!(exported.dimensions(), original.dimensions());
+    assert_eq!(png_record(&out)["command"], "gui apply");
+
+    // Refine runs the diffusion edit, whose result then stays.
+    click(&mut h, "Refine with diffusion");
+    wait(&mut h, "the diffusion edit", |app| {
+        app.state
+            .result
+            .as_ref()
+            .is_some_and(|r| r.instant.is_none())
+            && !app.state.busy()
+    });
+    for _ in 0..20 {
+        h.step();
+    }
+    assert!(
+        result(&h).instant.is_none(),
+        "an instant result does not replace the diffusion one"
+    );
+}
+
+#[test]
+fn distill_this_edit_makes_pairs_trains_and_then_offers_the_instant_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = harness(
+        dir.path(),
+        &fixtures().join("tiny-sd").display().to_string(),
+        false,
+    );
+    let photo = photo_in(dir.path());
+    open_and_describe(&mut h, &photo);
+    h.state_mut().state.persisted.distill = pix2pix_zero::app::state::DistillForm {
+        pairs: 4,
+        size: 64,
+        steps: 3,
+        iterations: 4,
+    };
+    click(&mut h, "Distill this edit…");
+    click(&mut h, "Start distilling");
+    wait(&mut h, "the first pair", |app| {
+        app.state
+            .job
+            .as_ref()
+            .is_some_and(|j| j.stage == "pairs" && j.step >= 1)
+    });
+    // Esc stops it; the pairs made so far stay for the next run.
+    h.key_press(egui::Key::Escape);
+    wait(&mut h, "the cancel", |app| !app.state.busy());
+    assert!(
+        last_notice(&h).text.contains("cancelled"),
+        "{:?}",
+        last_notice(&h)
+    );
+    assert!(h.state().state.generators.is_empty());
+    let work = dir.path().join("generators/work");
+    let made = |dir: &Path| walk_count(dir, "png");
+    let before = made(&work);
+    assert!(
+        before >= 2,
+        "at least one pair (two images) was kept, found {before}"
+    );
+    click(&mut h, "Distill this edit…");
+    click(&mut h, "Start distilling");
+    wait(&mut h, "the instant result of the new generator", |app| {
+        app.state
+            .result
+            .as_ref()
+            .is_some_and(|r| r.instant.is_some())
+            && !app.state.busy()
+    });
+    let state = &h.state().state;
+    assert_eq!(state.generators.len(), 1);
+    assert!(state.generators[0].makes("cat", "dog"));
+    assert_eq!(made(&work), 8, "four pairs, two images each");
+    assert!(errors(&h).is_empty(), "{:?}", errors(&h));
+}
+
+/// Files ending in `.ext` under `dir`, at any depth.
+fn walk_count(dir: &Path, ext: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .map(|p| {
+            if p.is_dir() {
+                walk_count(&p, ext)
+            } else {
+                usize::from(p.extension().is_some_and(|e| e == ext))
+            }
+        })
+        .sum()
 }

@@ -9,7 +9,9 @@ use super::P2pzApp;
 use crate::edit::guidance::GuidanceParams;
 use crate::edit::EditSettings;
 use crate::export::same_file;
-use crate::worker::{export_targets, Command, EditRequest, ExportFormat, ExportRequest};
+use crate::worker::{
+    export_targets, Command, DistillRequest, EditRequest, ExportFormat, ExportRequest,
+};
 
 /// A user intent.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +53,14 @@ pub enum AppCommand {
     ToggleControls,
     /// Show or hide the inspector panel (right).
     ToggleInspector,
+    /// Turn instant results on or off.
+    SetInstant(bool),
+    /// Show the native open dialog for a generator file.
+    PickGenerator,
+    /// Import the generator named in the generator field.
+    ImportGenerator,
+    /// Make pairs with the loaded model and distill the words' edit into a generator.
+    Distill,
 }
 
 impl AppCommand {
@@ -64,6 +74,8 @@ impl AppCommand {
                 | AppCommand::Caption { .. }
                 | AppCommand::Run
                 | AppCommand::Export { .. }
+                | AppCommand::ImportGenerator
+                | AppCommand::Distill
         )
     }
 }
@@ -247,7 +259,86 @@ impl P2pzApp {
                 let shown = &mut self.state.persisted.panels.inspector;
                 *shown = !*shown;
             }
+            AppCommand::SetInstant(on) => {
+                self.state.persisted.instant = on;
+                self.state.instant_asked = None;
+                if !on
+                    && self
+                        .state
+                        .result
+                        .as_ref()
+                        .is_some_and(|r| r.instant.is_some())
+                {
+                    // Off means no instant result on screen: back to the photo.
+                    self.state.result = None;
+                    self.state.image_revision += 1;
+                }
+            }
+            AppCommand::PickGenerator => self.dialogs.open(DialogPurpose::Generator, None, ctx),
+            AppCommand::ImportGenerator => {
+                let path = PathBuf::from(self.state.generator_path.trim());
+                if !path.is_file() {
+                    self.state.notify(
+                        true,
+                        format!(
+                            "`{}` is not a file: type the path of a .generator.safetensors file                              (made by `p2pz distill`)",
+                            path.display()
+                        ),
+                    );
+                    return;
+                }
+                self.state.job = Some(JobState::new("import"));
+                self.send(Command::ImportGenerator { path });
+            }
+            AppCommand::Distill => {
+                if !matches!(self.state.model, ModelStatus::Ready(_)) {
+                    self.state.notify(
+                        true,
+                        "no model is loaded: distilling makes its pairs with the model in the                          Model panel",
+                    );
+                    return;
+                }
+                let p = &self.state.persisted;
+                let (from, to) = (p.from.trim().to_string(), p.to.trim().to_string());
+                if from.is_empty() || to.is_empty() {
+                    self.state.notify(
+                        true,
+                        "type the word to change and the word it becomes first",
+                    );
+                    return;
+                }
+                let form = p.distill;
+                self.state.job = Some(JobState::new("distill"));
+                self.state.distill_open = false;
+                self.send(Command::Distill(DistillRequest {
+                    from,
+                    to,
+                    pairs: form.pairs,
+                    size: form.size,
+                    steps: form.steps,
+                    iterations: form.iterations,
+                }));
+            }
         }
+    }
+
+    /// Asks the worker for an instant result when the photo, the words or the generators
+    /// changed and a generator makes the words' edit. Not while an edit runs: its result would
+    /// be replaced.
+    pub(super) fn request_instant(&mut self) {
+        if !self.state.persisted.instant || self.state.in_flight.contains(&"edit") {
+            return;
+        }
+        let Some(key) = self.state.instant_key() else {
+            return;
+        };
+        if self.state.instant_asked.as_ref() == Some(&key) {
+            return;
+        }
+        let generator = key.2.clone();
+        self.state.instant_asked = Some(key);
+        self.state.compare = CompareMode::Edited;
+        self.send(Command::Apply { generator });
     }
 
     fn export(&mut self, overwrite: bool) {

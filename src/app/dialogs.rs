@@ -17,6 +17,8 @@ pub enum DialogPurpose {
     ModelFolder,
     /// Pick where to export.
     ExportPath,
+    /// Pick a generator file to import.
+    Generator,
 }
 
 /// A dialog's answer.
@@ -82,6 +84,9 @@ impl Dialogs {
                     DialogPurpose::ExportPath => dialog
                         .add_filter("Images", &["png", "jpg", "jpeg", "webp"])
                         .save_file(),
+                    DialogPurpose::Generator => dialog
+                        .add_filter("Generators", &["safetensors"])
+                        .pick_file(),
                 };
                 let unavailable = path.is_none() && started.elapsed() < INSTANT_ANSWER;
                 let _ = tx.send(DialogAnswer {

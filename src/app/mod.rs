@@ -200,6 +200,7 @@ impl P2pzApp {
             },
             &cc.egui_ctx,
         );
+        app.send(crate::worker::Command::ListGenerators);
         if let Some(image) = app.options.image.clone() {
             app.execute(AppCommand::OpenPath(image), &cc.egui_ctx);
         }
@@ -239,6 +240,7 @@ impl P2pzApp {
                     self.state.persisted.model_spec = path.display().to_string()
                 }
                 DialogPurpose::ExportPath => self.state.export.path = path.display().to_string(),
+                DialogPurpose::Generator => self.state.generator_path = path.display().to_string(),
             }
             self.state.export.confirm_overwrite.clear();
             match answer.purpose {
@@ -247,6 +249,7 @@ impl P2pzApp {
                     allow_download: false,
                 }),
                 DialogPurpose::ExportPath => {}
+                DialogPurpose::Generator => self.pending.push(AppCommand::ImportGenerator),
             }
         }
     }
@@ -379,6 +382,7 @@ impl eframe::App for P2pzApp {
         let started = Instant::now();
         let ctx = ui.ctx().clone();
         self.poll();
+        self.request_instant();
         let mut commands = std::mem::take(&mut self.pending);
         let dropped = ctx.input(|i| i.raw.dropped_files.first().map(|f| f.path().to_path_buf()));
         if let Some(path) = dropped {
@@ -418,6 +422,8 @@ impl eframe::App for P2pzApp {
                     panels::photo::show(ui, &mut self.state, &mut commands);
                     ui.separator();
                     panels::words::show(ui, &mut self.state, &mut commands);
+                    ui.separator();
+                    panels::instant::show(ui, &mut self.state, &mut commands);
                 });
             });
         egui::Panel::right("inspect")

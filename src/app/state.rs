@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heatmap::{Colormap, MapView, ResolutionFilter};
 use super::panels::attention::token_label;
-use crate::worker::{Event, ExportFormat, ModelInfo, StepAttention, DEFAULT_MODEL};
+use crate::worker::{Event, ExportFormat, GeneratorInfo, ModelInfo, StepAttention, DEFAULT_MODEL};
 
 /// Recent files kept in the Open menu.
 pub const RECENT_FILES: usize = 8;
@@ -145,6 +145,35 @@ pub struct Persisted {
     pub theme: ThemeChoice,
     /// Which side panels are shown.
     pub panels: PanelsShown,
+    /// Whether a distilled generator's result is shown as soon as the photo or words allow.
+    pub instant: bool,
+    /// The settings of *Distill this edit*.
+    pub distill: DistillForm,
+}
+
+/// The settings of *Distill this edit*.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DistillForm {
+    /// Pairs to make (a tenth held out).
+    pub pairs: usize,
+    /// Side of the pairs' images.
+    pub size: usize,
+    /// DDIM steps per pair.
+    pub steps: usize,
+    /// Training iterations.
+    pub iterations: usize,
+}
+
+impl Default for DistillForm {
+    fn default() -> Self {
+        Self {
+            pairs: 200,
+            size: 256,
+            steps: 20,
+            iterations: 3000,
+        }
+    }
 }
 
 impl Default for Persisted {
@@ -162,6 +191,8 @@ impl Default for Persisted {
             export_format: ExportFormat::Png,
             theme: ThemeChoice::Dark,
             panels: PanelsShown::default(),
+            instant: true,
+            distill: DistillForm::default(),
         }
     }
 }
@@ -305,6 +336,8 @@ pub struct ResultState {
     pub losses: Vec<f64>,
     /// The parameters.
     pub record: serde_json::Value,
+    /// The generator that made it, for an instant result.
+    pub instant: Option<GeneratorInfo>,
 }
 
 /// A line in the message area.
@@ -417,6 +450,14 @@ pub struct AppState {
     /// The kinds of the commands sent to the worker whose `Idle` has not come back, oldest
     /// (the one running) first.
     pub in_flight: VecDeque<&'static str>,
+    /// The user's distilled generators.
+    pub generators: Vec<GeneratorInfo>,
+    /// The generator path field of the Instant panel.
+    pub generator_path: String,
+    /// What the last instant result was asked for: (photo, working size, generator).
+    pub instant_asked: Option<(PathBuf, (u32, u32), PathBuf)>,
+    /// Whether the *Distill this edit* form is open.
+    pub distill_open: bool,
 }
 
 impl AppState {
@@ -451,7 +492,32 @@ impl AppState {
             frames: FrameStats::default(),
             dialog_unavailable: false,
             in_flight: VecDeque::new(),
+            generators: vec![],
+            generator_path: String::new(),
+            instant_asked: None,
+            distill_open: false,
         }
+    }
+
+    /// The generator that makes the words' edit, if the user has one.
+    pub fn matching_generator(&self) -> Option<&GeneratorInfo> {
+        let p = &self.persisted;
+        self.generators
+            .iter()
+            .rev()
+            .find(|g| g.makes(&p.from, &p.to))
+    }
+
+    /// What an instant result now would be of: (photo, working size, generator), when the
+    /// photo is open and a generator makes the words' edit.
+    pub fn instant_key(&self) -> Option<(PathBuf, (u32, u32), PathBuf)> {
+        let photo = self.photo.as_ref()?;
+        let generator = self.matching_generator()?;
+        Some((
+            photo.path.clone(),
+            photo.working.dimensions(),
+            generator.path.clone(),
+        ))
     }
 
     /// Whether the worker is running a command.
@@ -593,6 +659,7 @@ impl AppState {
                     working: Arc::new(opened.working),
                 });
                 self.result = None;
+                self.instant_asked = None;
                 self.preview = None;
                 self.attention.clear();
                 self.kept_attention = None;
@@ -652,20 +719,42 @@ impl AppState {
                     self.image_revision += 1;
                 }
             }
+            Event::Generators(list) => self.generators = list,
+            Event::GeneratorAdded(info) => {
+                self.clear_errors();
+                self.notify(
+                    false,
+                    format!(
+                        "generator {} ready: {}",
+                        info.edit_name(),
+                        info.path.display()
+                    ),
+                );
+            }
             Event::Edited(result) => {
-                let how = if result.reused_reference {
-                    "re-edit from the session cache (inversion and reference pass skipped)"
+                let how: String = if let Some(generator) = &result.instant {
+                    format!("instant result of the {} generator", generator.edit_name())
+                } else if result.reused_reference {
+                    "re-edit from the session cache (inversion and reference pass skipped)".into()
                 } else if result.inverted {
-                    "first edit (inverted the photo, ran the reference pass)"
+                    "first edit (inverted the photo, ran the reference pass)".into()
                 } else {
-                    "edit (inversion reused from the session cache)"
+                    "edit (inversion reused from the session cache)".into()
                 };
                 self.clear_errors();
                 self.notify(
                     false,
-                    format!("{how}: {:.1} s", result.elapsed.as_secs_f64()),
+                    if result.instant.is_some() {
+                        format!("{how}: {:.0} ms", result.elapsed.as_secs_f64() * 1e3)
+                    } else {
+                        format!("{how}: {:.1} s", result.elapsed.as_secs_f64())
+                    },
                 );
                 self.kept_attention = None;
+                if result.instant.is_none() {
+                    // A diffusion result of this photo is not replaced by an instant one.
+                    self.instant_asked = self.instant_key();
+                }
                 self.result = Some(ResultState {
                     image: Arc::new(result.image),
                     reconstruction: result.reconstruction.map(Arc::new),
@@ -674,6 +763,7 @@ impl AppState {
                     elapsed: result.elapsed,
                     losses: result.losses,
                     record: result.record,
+                    instant: result.instant,
                 });
                 self.preview = None;
                 self.image_revision += 1;
@@ -830,6 +920,7 @@ mod tests {
             losses: vec![0.0, 0.0],
             elapsed: Duration::from_secs(1),
             record: serde_json::json!({}),
+            instant: None,
         }));
         state.apply(Event::Idle);
         // A re-edit starts, shows its first step live, and is cancelled.

@@ -1,5 +1,5 @@
 //! What the worker thread does with each command: the state it owns (model, captioner, photo,
-//! session, directions, last result) and one handler per command.
+//! session, directions, last result, the generator last run) and one handler per command.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::attention::reduce_step;
 use super::export::{export, LastEdit};
+use super::generators::{self, DistillRequest, LoadedGenerator};
 use super::{
     Command, EditRequest, EditResult, Event, ExportRequest, ModelInfo, OpenedImage, WorkerConfig,
 };
@@ -95,6 +96,7 @@ struct State {
     session: Option<Session>,
     directions: HashMap<(String, String, u64, usize), Tensor>,
     last: Option<LastEdit>,
+    generator: LoadedGenerator,
 }
 
 /// Forwards download progress as events.
@@ -120,6 +122,7 @@ impl State {
             session: None,
             directions: HashMap::new(),
             last: None,
+            generator: LoadedGenerator::default(),
         }
     }
 
@@ -189,6 +192,18 @@ impl State {
             Command::Tokenize { caption } => self.tokenize(&caption, outbox).map(drop),
             Command::Edit(request) => self.edit(&request, outbox, cancel),
             Command::Export(request) => self.export(request, outbox),
+            Command::ListGenerators => {
+                outbox.send(Event::Generators(generators::list(&self.config.generators)));
+                Ok(())
+            }
+            Command::ImportGenerator { path } => {
+                let info = generators::import(&self.config.generators, &path)?;
+                outbox.send(Event::GeneratorAdded(info));
+                outbox.send(Event::Generators(generators::list(&self.config.generators)));
+                Ok(())
+            }
+            Command::Apply { generator } => self.apply(&generator, outbox),
+            Command::Distill(request) => self.distill(&request, outbox, cancel),
             Command::Shutdown => Ok(()),
         }
     }
@@ -498,8 +513,86 @@ impl State {
             losses: outcome.losses,
             elapsed: start.elapsed(),
             record,
+            instant: None,
         }));
         self.send_known_words(outbox);
+        Ok(())
+    }
+
+    /// Runs a generator on the open photo at working size: the instant result.
+    fn apply(&mut self, path: &Path, outbox: &Outbox) -> Result<()> {
+        let start = Instant::now();
+        let photo = self.photo.as_ref().context("open a photo first")?;
+        let device = match &self.model {
+            Some(model) => model.device.clone(),
+            None => engine::pick_device(self.config.cpu)?,
+        };
+        let (image, header) = self.generator.apply(path, &photo.image.pixels, &device)?;
+        let info = generators::list(&self.config.generators)
+            .into_iter()
+            .find(|g| g.path == path)
+            .unwrap_or_else(|| generators::GeneratorInfo {
+                path: path.to_path_buf(),
+                from: header.from.clone(),
+                to: header.to.clone(),
+                scores: header.scores.map(|s| (s.psnr, s.identity_psnr)),
+                pairs: header.pairs,
+            });
+        let record = serde_json::json!({
+            "command": "gui apply",
+            "image": photo.path,
+            "generator": path,
+            "edit": header.edit_name(),
+            "generator_header": header,
+            "working_side": photo.size,
+        });
+        self.last = Some(LastEdit {
+            image: image.clone(),
+            original_size: photo.image.original_size,
+            source: photo.path.clone(),
+            record: record.clone(),
+        });
+        outbox.send(Event::Edited(EditResult {
+            image,
+            reconstruction: None,
+            inverted: false,
+            reused_reference: false,
+            losses: vec![],
+            elapsed: start.elapsed(),
+            record,
+            instant: Some(info),
+        }));
+        Ok(())
+    }
+
+    /// Makes pairs with the loaded model and trains a generator on them.
+    fn distill(
+        &mut self,
+        request: &DistillRequest,
+        outbox: &Outbox,
+        cancel: &AtomicBool,
+    ) -> Result<()> {
+        let model = self.model()?;
+        let info = generators::distill(
+            model,
+            request,
+            (
+                &self.config.generators,
+                &self.config.embedding_cache,
+                self.config.sentences,
+            ),
+            &mut |stage, step, total| {
+                outbox.send(Event::Progress {
+                    stage: stage.into(),
+                    step,
+                    total,
+                    loss: None,
+                })
+            },
+            cancel,
+        )?;
+        outbox.send(Event::GeneratorAdded(info));
+        outbox.send(Event::Generators(generators::list(&self.config.generators)));
         Ok(())
     }
 
@@ -610,6 +703,7 @@ mod tests {
         WorkerConfig {
             captioner: "none".into(),
             embedding_cache: std::env::temp_dir(),
+            generators: std::env::temp_dir().join("p2pz-test-generators"),
             sentences: 4,
             resolve: source::ResolveOptions::from_env(),
             cpu: true,

@@ -7,6 +7,7 @@
 //! [`Event::Error`]; the thread survives it.
 
 pub mod attention;
+mod generators;
 mod jobs;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use crate::edit::EditSettings;
 use crate::engine::source::{self, ResolveOptions};
 pub use attention::{AttentionGrid, StepAttention};
 pub use export::{export_targets, ExportFormat};
+pub use generators::{DistillRequest, GeneratorInfo};
 
 mod export;
 
@@ -35,6 +37,9 @@ pub struct WorkerConfig {
     pub captioner: String,
     /// Where mean sentence embeddings are cached.
     pub embedding_cache: PathBuf,
+    /// Where the user's distilled generators live (imported and distilled ones; the pairs and
+    /// checkpoints of distillations in its `work/` folder).
+    pub generators: PathBuf,
     /// Sentences written per word for an edit direction.
     pub sentences: usize,
     /// How repo ids are looked up (the cache folder); downloads happen only when a command
@@ -49,11 +54,18 @@ pub struct WorkerConfig {
 impl WorkerConfig {
     /// The configuration for a user's machine: BLIP and models from the Hugging Face cache
     /// (`HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE` are honoured), embeddings in the user's
-    /// cache folder, the default sentence count, a preview every 5 steps.
+    /// cache folder (generators beside them), the default sentence count, a preview every 5
+    /// steps.
     pub fn for_user(cpu: bool) -> Self {
+        let embeddings = EmbeddingCache::default_location().dir().to_path_buf();
+        let generators = embeddings
+            .parent()
+            .map(|p| p.join("generators"))
+            .unwrap_or_else(|| embeddings.join("generators"));
         Self {
             captioner: crate::edit::caption::DEFAULT_CAPTIONER.to_string(),
-            embedding_cache: EmbeddingCache::default_location().dir().to_path_buf(),
+            embedding_cache: embeddings,
+            generators,
             sentences: crate::edit::sentences::DEFAULT_SENTENCES,
             resolve: ResolveOptions::from_env(),
             cpu,
@@ -95,13 +107,28 @@ pub enum Command {
     Edit(EditRequest),
     /// Write the last result (and optionally the overlay and maps) to disk.
     Export(ExportRequest),
+    /// List the generators in the generator folder.
+    ListGenerators,
+    /// Check a generator file and copy it into the generator folder.
+    ImportGenerator {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Run a generator on the open photo: an instant result.
+    Apply {
+        /// The generator file.
+        generator: PathBuf,
+    },
+    /// Make pairs with the loaded model and train a generator on them.
+    Distill(DistillRequest),
     /// Stop the thread.
     Shutdown,
 }
 
 impl Command {
     /// A short name of what the command does ("model", "open", "caption", "tokenize", "edit",
-    /// "export", "shutdown"), for progress displays and bookkeeping.
+    /// "export", "generators", "import", "apply", "distill", "shutdown"), for progress displays
+    /// and bookkeeping.
     pub fn kind(&self) -> &'static str {
         match self {
             Command::LoadModel { .. } => "model",
@@ -110,6 +137,10 @@ impl Command {
             Command::Tokenize { .. } => "tokenize",
             Command::Edit(_) => "edit",
             Command::Export(_) => "export",
+            Command::ListGenerators => "generators",
+            Command::ImportGenerator { .. } => "import",
+            Command::Apply { .. } => "apply",
+            Command::Distill(_) => "distill",
             Command::Shutdown => "shutdown",
         }
     }
@@ -194,6 +225,8 @@ pub struct EditResult {
     pub elapsed: Duration,
     /// The parameters, as written into exports.
     pub record: serde_json::Value,
+    /// The generator that made it, for an instant result (`None`: the diffusion editor did).
+    pub instant: Option<GeneratorInfo>,
 }
 
 /// Everything the worker reports.
@@ -251,7 +284,7 @@ pub enum Event {
     },
     /// A step of a long computation finished.
     Progress {
-        /// "invert", "direction", "reference + edit", "edit" or "decode".
+        /// "invert", "direction", "reference + edit", "edit", "decode", "pairs" or "train".
         stage: String,
         /// Steps done.
         step: usize,
@@ -271,6 +304,10 @@ pub enum Event {
     },
     /// An edit finished.
     Edited(EditResult),
+    /// The generators in the generator folder.
+    Generators(Vec<GeneratorInfo>),
+    /// A generator was imported or distilled.
+    GeneratorAdded(GeneratorInfo),
     /// Files were written.
     Exported {
         /// Every file written.

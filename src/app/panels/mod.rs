@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod canvas;
 pub mod export;
+pub mod instant;
 pub mod model;
 pub mod photo;
 pub mod progress;
