@@ -3,7 +3,8 @@
 # (Xvfb), real mouse and keyboard events (xdotool), and no shortcut through the code.
 #
 #   open a photo → type caption and words → run → scrub λ_xa → change the working size → run
-#   → export → export again (asks) → overwrite
+#   → export → export again (asks) → overwrite → import a distilled generator (instant result)
+#   → instant off → on
 #
 # It asserts on the exported files and on the app's own state dump (`p2pz gui --state-dump`),
 # which also says where the widgets are, so the clicks land on them at any layout.
@@ -28,6 +29,12 @@ trap cleanup EXIT
 export XDG_CACHE_HOME=$work/cache XDG_DATA_HOME=$work/data XDG_CONFIG_HOME=$work/config
 export HF_HUB_OFFLINE=1
 cp assets/chelsea.png "$work/"
+# A tiny cat → dog generator from the command line, for the Instant part of the flow.
+( "$bin" pairs --model tests/fixtures/tiny-sd --from cat --to dog --count 4 --size 64 --steps 3 \
+      --sentences 16 --test-every 2 --out "$work/pairs" &&
+  "$bin" distill "$work/pairs" --out "$work/cat2dog.generator.safetensors" --size 64 --iters 3 \
+      --width 4 --blocks 1 --perceptual 0 ) >"$work/distill.log" 2>&1 &
+distilling=$!
 
 # Xvfb picks a free display and writes its number once it accepts clients.
 Xvfb -displayfd 3 -screen 0 1280x720x24 -nolisten tcp 3>"$work/display" 2>"$work/xvfb.log" &
@@ -183,6 +190,23 @@ for _ in $(seq 100); do [ "$(inodes)" != "$before" ] && break; sleep 0.1; done
 [ "$(inodes)" != "$before" ] || fail "Overwrite did not replace the files"
 echo "ok: the second export asked, then replaced both files"
 passed=$((passed + 1))
+# A distilled generator for the words: its result shows without a run, and the toggle hides it.
+wait "$distilling" || { cat "$work/distill.log" >&2; fail "making the generator"; }
+# The Instant panel is below the words: scroll the controls down to it, as a person would.
+read -r x y < <(at "Caption")
+xdotool mousemove --window "$window" "${x%.*}" "${y%.*}" click --repeat 15 --delay 30 5
+sleep 0.5
+type_into "Generator file" "$work/cat2dog.generator.safetensors"
+click "Import"
+until_state "the instant result" \
+    "not s['busy'] and s['result'] is not None and s['result']['instant'] == 'cat to dog'"
+check "the generator was imported into the cache" \
+    "len(s['generators']) == 1 and '/cache/pix2pix-zero/generators/' in s['generators'][0]"
+click "Instant results"
+until_state "instant off, back to the photo" "not s['instant_on'] and s['result'] is None"
+click "Instant results"
+until_state "instant on, the result again" \
+    "s['instant_on'] and not s['busy'] and s['result'] is not None and s['result']['instant'] == 'cat to dog'"
 if [ -n "${E2E_SCREENSHOT:-}" ]; then
     import -window root "$E2E_SCREENSHOT" && echo "screenshot: $E2E_SCREENSHOT"
 fi

@@ -69,8 +69,11 @@ pub fn picture(state: &AppState, ctx: &egui::Context) -> Value {
             "inverted": r.inverted,
             "reused_reference": r.reused_reference,
             "size": r.image.dimensions(),
+            "instant": r.instant.as_ref().map(|g| g.edit_name()),
         })),
         "attention_steps": state.attention.len(),
+        "instant_on": p.instant,
+        "generators": state.generators.iter().map(|g| g.path.clone()).collect::<Vec<_>>(),
         "cache_hint": cache_hint(state),
         "notices": state.notices.iter().map(|n| json!({"error": n.error, "text": n.text}))
             .collect::<Vec<_>>(),

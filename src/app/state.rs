@@ -458,6 +458,9 @@ pub struct AppState {
     pub instant_asked: Option<(PathBuf, (u32, u32), PathBuf)>,
     /// Whether the *Distill this edit* form is open.
     pub distill_open: bool,
+    /// The parameters of the last diffusion edit of this photo, which the worker's session
+    /// cache holds (an instant result shown since does not change it).
+    pub session_record: Option<serde_json::Value>,
 }
 
 impl AppState {
@@ -496,6 +499,7 @@ impl AppState {
             generator_path: String::new(),
             instant_asked: None,
             distill_open: false,
+            session_record: None,
         }
     }
 
@@ -660,6 +664,7 @@ impl AppState {
                 });
                 self.result = None;
                 self.instant_asked = None;
+                self.session_record = None;
                 self.preview = None;
                 self.attention.clear();
                 self.kept_attention = None;
@@ -754,6 +759,11 @@ impl AppState {
                 if result.instant.is_none() {
                     // A diffusion result of this photo is not replaced by an instant one.
                     self.instant_asked = self.instant_key();
+                    self.session_record = Some(result.record.clone());
+                } else {
+                    // The maps shown belong to a diffusion edit, not to this image.
+                    self.attention.clear();
+                    self.attention_revision += 1;
                 }
                 self.result = Some(ResultState {
                     image: Arc::new(result.image),

@@ -62,7 +62,9 @@ pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppComma
         }
     });
     ui.horizontal(|ui| {
-        if ui.button("Import").clicked() {
+        let import = ui.button("Import");
+        mark(ui, "Import", &import);
+        if import.clicked() {
             commands.push(AppCommand::ImportGenerator);
         }
         if ui.button("Find file…").clicked() {

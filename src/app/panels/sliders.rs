@@ -19,10 +19,9 @@ const SIZE_MARKS: [&str; 5] = [
 
 /// What the next run will reuse, in words.
 pub fn cache_hint(state: &AppState) -> String {
-    let Some(result) = &state.result else {
+    let Some(r) = &state.session_record else {
         return "First run: inverts the photo, then runs the reference and edited passes.".into();
     };
-    let r = &result.record;
     let mut changed = vec![];
     if r["caption"].as_str() != Some(state.caption.trim()) {
         changed.push("caption");
@@ -62,7 +61,8 @@ fn scrub_row(ui: &mut egui::Ui, label: &'static str, slider: egui::Slider<'_>, h
 /// Draws the panel.
 pub fn show(ui: &mut egui::Ui, state: &mut AppState, commands: &mut Vec<AppCommand>) {
     ui.heading("Edit");
-    let has_result = state.result.is_some();
+    // Scrubbing re-runs a diffusion edit, not an instant result (that is Refine's job).
+    let has_result = state.result.as_ref().is_some_and(|r| r.instant.is_none());
     let s = &mut state.persisted.sliders;
     let mut rerun = false;
     egui::Grid::new("sliders").num_columns(2).show(ui, |ui| {
