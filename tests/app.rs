@@ -850,6 +850,15 @@ fn cat_to_dog_generator(path: &Path) {
     std::fs::write(path, encode(&weights, &header).unwrap()).unwrap();
 }
 
+/// Whether the app shows a finished instant result.
+fn showing_instant(app: &P2pzApp) -> bool {
+    app.state
+        .result
+        .as_ref()
+        .is_some_and(|r| r.instant.is_some())
+        && !app.state.busy()
+}
+
 #[test]
 fn a_generator_for_the_words_shows_an_instant_result_that_the_toggle_and_refine_control() {
     let dir = tempfile::tempdir().unwrap();
@@ -870,13 +879,7 @@ fn a_generator_for_the_words_shows_an_instant_result_that_the_toggle_and_refine_
         .set_text_value_accesskit(&imported.display().to_string());
     h.step();
     click(&mut h, "Import");
-    wait(&mut h, "the instant result", |app| {
-        app.state
-            .result
-            .as_ref()
-            .is_some_and(|r| r.instant.is_some())
-            && !app.state.busy()
-    });
+    wait(&mut h, "the instant result", showing_instant);
     let state = &h.state().state;
     assert_eq!(
         state.generators.len(),
@@ -917,13 +920,7 @@ fn a_generator_for_the_words_shows_an_instant_result_that_the_toggle_and_refine_
 
     // On again: it comes back at once, and export writes it at the photo's size.
     click(&mut h, "Instant results");
-    wait(&mut h, "the instant result again", |app| {
-        app.state
-            .result
-            .as_ref()
-            .is_some_and(|r| r.instant.is_some())
-            && !app.state.busy()
-    });
+    wait(&mut h, "the instant result again", showing_instant);
     let out = dir.path().join("instant.png");
     h.get_by_label("Export path")
         .set_text_value_accesskit(&out.display().to_string());
@@ -997,13 +994,11 @@ fn distill_this_edit_makes_pairs_trains_and_then_offers_the_instant_result() {
     );
     click(&mut h, "Distill this edit…");
     click(&mut h, "Start distilling");
-    wait(&mut h, "the instant result of the new generator", |app| {
-        app.state
-            .result
-            .as_ref()
-            .is_some_and(|r| r.instant.is_some())
-            && !app.state.busy()
-    });
+    wait(
+        &mut h,
+        "the instant result of the new generator",
+        showing_instant,
+    );
     let state = &h.state().state;
     assert_eq!(state.generators.len(), 1);
     assert!(state.generators[0].makes("cat", "dog"));

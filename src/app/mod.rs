@@ -278,6 +278,7 @@ impl P2pzApp {
             return;
         }
         let settled = !self.state.busy()
+            && self.state.in_flight.is_empty()
             && self.state.photo.is_some()
             && (!self.options.run
                 || self.state.result.is_some()

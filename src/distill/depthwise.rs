@@ -25,12 +25,6 @@ pub fn depthwise3x3(x: &Tensor, kernel: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The plain candle computation, which the kernel is tested against.
-pub fn depthwise3x3_reference(x: &Tensor, kernel: &Tensor) -> Result<Tensor> {
-    let (_, c, _, _) = x.dims4()?;
-    x.conv2d(kernel, 1, 1, 1, c)
-}
-
 /// Runs `body` compiled for AVX2 where the CPU has it (checked at run time), else as built.
 /// The kernels are plain loops that LLVM vectorises; AVX2 doubles their width on x86-64.
 fn dispatch<R>(body: impl FnOnce() -> R) -> R {
@@ -232,6 +226,12 @@ impl CustomOp2 for KernelGradient {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The plain candle computation, which the kernel is tested against.
+    fn depthwise3x3_reference(x: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+        let (_, c, _, _) = x.dims4()?;
+        x.conv2d(kernel, 1, 1, 1, c)
+    }
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
         crate::engine::rng::Rng::new(seed)
