@@ -499,13 +499,7 @@ impl State {
             "inverted": inverted,
             "reused_reference": outcome.reused_reference,
         });
-        self.last = Some(LastEdit {
-            image: image.clone(),
-            original_size: photo.image.original_size,
-            source: photo.path.clone(),
-            record: record.clone(),
-        });
-        outbox.send(Event::Edited(EditResult {
+        let result = EditResult {
             image,
             reconstruction,
             inverted,
@@ -514,9 +508,25 @@ impl State {
             elapsed: start.elapsed(),
             record,
             instant: None,
-        }));
+        };
+        self.publish(result, outbox);
         self.send_known_words(outbox);
         Ok(())
+    }
+
+    /// Keeps `result` of the open photo as what an export writes, and sends it.
+    fn publish(&mut self, result: EditResult, outbox: &Outbox) {
+        let photo = self
+            .photo
+            .as_ref()
+            .expect("a result belongs to the open photo");
+        self.last = Some(LastEdit {
+            image: result.image.clone(),
+            original_size: photo.image.original_size,
+            source: photo.path.clone(),
+            record: result.record.clone(),
+        });
+        outbox.send(Event::Edited(result));
     }
 
     /// Runs a generator on the open photo at working size: the instant result.
@@ -546,13 +556,7 @@ impl State {
             "generator_header": header,
             "working_side": photo.size,
         });
-        self.last = Some(LastEdit {
-            image: image.clone(),
-            original_size: photo.image.original_size,
-            source: photo.path.clone(),
-            record: record.clone(),
-        });
-        outbox.send(Event::Edited(EditResult {
+        let result = EditResult {
             image,
             reconstruction: None,
             inverted: false,
@@ -561,7 +565,8 @@ impl State {
             elapsed: start.elapsed(),
             record,
             instant: Some(info),
-        }));
+        };
+        self.publish(result, outbox);
         Ok(())
     }
 
