@@ -334,32 +334,24 @@ mod tests {
 
     #[test]
     fn folding_is_undone_and_upsampling_matches_candle() {
+        let total_difference = |a: Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
         let x = crate::engine::rng::Rng::new(3)
             .randn((2, 3, 4, 5), DType::F32, &Device::Cpu)
             .unwrap();
-        let back = unfold(&fold(&x.upsample_nearest2d(8, 10).unwrap()).unwrap()).unwrap();
-        let same: f32 = (back - x.upsample_nearest2d(8, 10).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(same, 0.0);
-        let folded = fold(&x.upsample_nearest2d(8, 10).unwrap()).unwrap();
+        let candle_up = x.upsample_nearest2d(8, 10).unwrap();
+        let folded = fold(&candle_up).unwrap();
         assert_eq!(folded.dims(), &[2, 12, 4, 5]);
-        let ours = upsample2(&x).unwrap();
-        let theirs = x.upsample_nearest2d(8, 10).unwrap();
-        let diff: f32 = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(total_difference(unfold(&folded).unwrap(), &candle_up), 0.0);
+        assert_eq!(total_difference(upsample2(&x).unwrap(), &candle_up), 0.0);
     }
 
     #[test]
