@@ -13,13 +13,15 @@
 //! This module does not know about UNets or attention controllers; it only offers differentiable
 //! building blocks.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Module, Result, Shape,
     Storage, Tensor, D,
 };
+
+use super::cpu::{self, conv::Nchw, conv::PackedConv, norm::GroupNormParams};
 
 /// The backward of one [`with_vjp`] node: `(input, output, output gradient) -> input gradient`.
 type Vjp = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
@@ -159,14 +161,31 @@ impl Module for Linear {
 }
 
 /// A 2D convolution whose backward returns `∂L/∂x` only.
+///
+/// f32 weights on the CPU are packed once, here, for [`cpu::conv`]; everything else runs
+/// candle's convolution.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    /// `(c_out, c_in, k, k)`.
-    weight: Tensor,
+    weights: ConvWeights,
     /// `(c_out,)`.
     bias: Option<Tensor>,
     padding: usize,
     stride: usize,
+}
+
+/// A convolution's kernel in the layout its path wants.
+#[derive(Debug, Clone)]
+enum ConvWeights {
+    /// PyTorch's `(c_out, c_in, k, k)`, for candle's convolution.
+    Candle(Tensor),
+    /// Packed tap by tap for the CPU kernel.
+    Packed(Arc<PackedConv>),
+}
+
+/// The NCHW shape of a 4-D tensor.
+fn nchw(t: &Tensor) -> Result<Nchw> {
+    let (n, c, h, w) = t.dims4()?;
+    Ok(Nchw { n, c, h, w })
 }
 
 impl Conv2d {
@@ -181,8 +200,16 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
         let bias = Some(vb.get(c_out, "bias")?);
+        let weights = if cpu::handles(&weight) {
+            let packed = cpu::with_f32(&weight, |w| {
+                PackedConv::pack(w, c_out, c_in, kernel).with_geometry(padding, stride)
+            })?;
+            ConvWeights::Packed(Arc::new(packed))
+        } else {
+            ConvWeights::Candle(weight)
+        };
         Ok(Self {
-            weight,
+            weights,
             bias,
             padding,
             stride,
@@ -191,26 +218,72 @@ impl Conv2d {
 
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
-        self.weight.dtype()
+        match &self.weights {
+            ConvWeights::Candle(w) => w.dtype(),
+            ConvWeights::Packed(_) => DType::F32,
+        }
+    }
+
+    /// The kernel in PyTorch's layout (a copy when it is packed).
+    fn candle_weight(&self) -> Result<Tensor> {
+        match &self.weights {
+            ConvWeights::Candle(w) => Ok(w.clone()),
+            ConvWeights::Packed(p) => cpu::tensor(p.unpack(), (p.c_out, p.c_in, p.kernel, p.kernel)),
+        }
     }
 
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = x.conv2d(&self.candle_weight()?, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
+    }
+
+    /// `conv2d(x) + bias + offset[n, c]`, where `offset` (`(n, c_out)`, outside any graph) is
+    /// added in the convolution's last pass when the CPU kernel runs.
+    pub fn forward_with_offset(&self, x: &Tensor, offset: Option<&Tensor>) -> Result<Tensor> {
+        let packed = match &self.weights {
+            ConvWeights::Packed(p) if cpu::handles(x) && offset.is_none_or(|o| !o.track_op()) => {
+                p.clone()
+            }
+            _ => {
+                let y = self.forward_candle(x)?;
+                return match offset {
+                    Some(o) => y.broadcast_add(&o.unsqueeze(2)?.unsqueeze(3)?),
+                    None => Ok(y),
+                };
+            }
+        };
+        let shape = nchw(x)?;
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let offset = offset.map(|o| o.to_dtype(DType::F32)).transpose()?;
+        let (y, out_shape) = cpu::with_f32(&x.detach(), |x| {
+            let bias = bias.as_ref().map(|b| cpu::with_f32(b, <[f32]>::to_vec)).transpose()?;
+            let offset = offset.as_ref().map(|o| cpu::with_f32(o, <[f32]>::to_vec)).transpose()?;
+            Ok::<_, candle_core::Error>(packed.forward(x, shape, bias.as_deref(), offset.as_deref()))
+        })??;
+        let y = cpu::tensor(y, (out_shape.n, out_shape.c, out_shape.h, out_shape.w))?;
+        with_vjp("conv2d", x, y, move |x, _, g| {
+            let shape = nchw(x)?;
+            let dx = cpu::with_f32(g, |g| packed.input_grad(g, shape))?;
+            cpu::tensor(dx, x.shape())
+        })
+    }
+
+    fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.plain(&x.detach())?;
+        let (weight, padding, stride) = (self.candle_weight()?, self.padding, self.stride);
+        with_vjp("conv2d", x, y, move |x, _, g| {
+            conv2d_input_grad(&weight, padding, stride, x.dims4()?, g)
+        })
     }
 }
 
 impl Module for Conv2d {
     /// `x`: `(b, c_in, h, w)` → `(b, c_out, h', w')`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.plain(&x.detach())?;
-        let (weight, padding, stride) = (self.weight.clone(), self.padding, self.stride);
-        with_vjp("conv2d", x, y, move |x, _, g| {
-            conv2d_input_grad(&weight, padding, stride, x.dims4()?, g)
-        })
+        self.forward_with_offset(x, None)
     }
 }
 
@@ -355,9 +428,36 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    /// `x`: `(b, c, h, w)`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl GroupNorm {
+    /// `silu(group_norm(x))`, fused into one pass on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if cpu::handles(x) {
+            self.forward_cpu(x, true)
+        } else {
+            candle_nn::ops::silu(&self.forward_candle(x)?)
+        }
+    }
+
+    fn forward_cpu(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let f32_vec = |t: &Tensor| cpu::with_f32(&t.to_dtype(DType::F32)?, <[f32]>::to_vec);
+        let params = GroupNormParams {
+            weight: f32_vec(&self.weight)?,
+            bias: f32_vec(&self.bias)?,
+            groups: self.groups,
+            eps: self.eps as f32,
+            silu,
+        };
+        let shape = nchw(x)?;
+        let y = cpu::with_f32(&x.detach(), |x| params.forward(x, shape))?;
+        let y = cpu::tensor(y, x.shape())?;
+        with_vjp("group_norm", x, y, move |x, _, g| {
+            let shape = nchw(x)?;
+            let dx = cpu::with_f32(x, |x| cpu::with_f32(g, |g| params.backward(x, g, shape)))??;
+            cpu::tensor(dx, x.shape())
+        })
+    }
+
+    fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let (x_hat, _) = normalize_last_dim(&self.grouped(&x.detach())?, self.eps)?;
         let y = x_hat
@@ -377,6 +477,17 @@ impl Module for GroupNorm {
                 .reshape(x.shape())?
                 .to_dtype(dtype)
         })
+    }
+}
+
+impl Module for GroupNorm {
+    /// `x`: `(b, c, h, w)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if cpu::handles(x) {
+            self.forward_cpu(x, false)
+        } else {
+            self.forward_candle(x)
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod control;
+pub mod cpu;
 pub mod ddim;
 pub mod error;
 pub mod generate;

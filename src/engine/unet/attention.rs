@@ -11,6 +11,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::engine::control::{AttentionControl, AttentionKind, AttentionSite};
+use crate::engine::cpu::{self, attention::AttentionShape};
 use crate::engine::grad_ops::{
     self, compute_dtype, with_vjp, Conv2d, GroupNorm, LayerNorm, Linear, RecomputedAttention,
 };
@@ -102,7 +103,18 @@ impl Attention {
         };
         let out = match () {
             _ if control.wants(self.kind) => self.controlled(x, context, spatial, control)?,
-            _ if self.kind == AttentionKind::SelfAttention && x.track_op() => self.recomputed(x)?,
+            _ if self.kind == AttentionKind::SelfAttention && x.track_op() => {
+                if cpu::handles(x) {
+                    self.recomputed_cpu(x)?
+                } else {
+                    self.recomputed(x)?
+                }
+            }
+            _ if cpu::handles(x) => {
+                let q = self.to_q.forward(x)?;
+                let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
+                attend_cpu(&q, &k, &v, self.heads, self.scale)?
+            }
             _ => {
                 let (q, k, v) = self.project(x, context)?;
                 merge_heads(&self.fast().attend(&q, &k, &v)?, self.heads)?
@@ -173,6 +185,61 @@ impl Attention {
             dx.to_dtype(x.dtype())
         })
     }
+}
+
+impl Attention {
+    /// [`Self::recomputed`] on the CPU kernels, with the heads never split off by copying.
+    fn recomputed_cpu(&self, x: &Tensor) -> Result<Tensor> {
+        let project = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
+        let x_detached = x.detach();
+        let [wq, wk, wv] = &self.w_qkv;
+        let (q, k, v) = (
+            project(&x_detached, wq)?,
+            project(&x_detached, wk)?,
+            project(&x_detached, wv)?,
+        );
+        let out = attend_cpu(&q, &k, &v, self.heads, self.scale)?;
+        let (w_qkv, heads, scale) = (self.w_qkv.clone(), self.heads, self.scale);
+        with_vjp("self_attention", x, out, move |x, _, g| {
+            let [wq, wk, wv] = &w_qkv;
+            let (q, k, v) = (project(x, wq)?, project(x, wk)?, project(x, wv)?);
+            let shape = attention_shape(&q, &k, heads)?;
+            let (dq, dk, dv) = cpu::with_f32(&q, |q| {
+                cpu::with_f32(&k, |k| {
+                    cpu::with_f32(&v, |v| {
+                        cpu::with_f32(g, |g| {
+                            cpu::attention::attend_backward(q, k, v, g, shape, scale as f32)
+                        })
+                    })
+                })
+            })????;
+            let back = |d: Vec<f32>, w: &Tensor| cpu::tensor(d, x.shape())?.broadcast_matmul(w);
+            (back(dq, wq)? + back(dk, wk)?)? + back(dv, wv)?
+        })
+    }
+}
+
+/// The kernel's sizes for `q`: `(b, n, heads·d)` and `k`: `(b, m, heads·d)`.
+fn attention_shape(q: &Tensor, k: &Tensor, heads: usize) -> Result<AttentionShape> {
+    let (batch, queries, width) = q.dims3()?;
+    Ok(AttentionShape {
+        batch,
+        queries,
+        keys: k.dim(1)?,
+        heads,
+        head_dim: width / heads,
+    })
+}
+
+/// `softmax(q·kᵀ·scale)·v` per head on merged-head `(b, tokens, heads·d)` f32 CPU tensors.
+fn attend_cpu(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let shape = attention_shape(q, k, heads)?;
+    let out = cpu::with_f32(q, |q| {
+        cpu::with_f32(k, |k| {
+            cpu::with_f32(v, |v| cpu::attention::attend(q, k, v, shape, scale as f32))
+        })
+    })???;
+    cpu::tensor(out, q.shape())
 }
 
 /// GEGLU feed-forward: `Linear(d → 2·4d)`, `a·gelu(b)`, `Linear(4d → d)`.

@@ -337,7 +337,7 @@ impl UNet {
             }
         }
 
-        let h = candle_nn::ops::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 

@@ -66,18 +66,13 @@ impl ResnetBlock {
 
     /// `x`: `(b, c_in, h, w)`, `temb`: `(b, temb)` → `(b, c_out, h, w)`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
         let t = self
             .time_emb_proj
-            .forward(&candle_nn::ops::silu(temb)?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+            .forward(&candle_nn::ops::silu(temb)?)?;
         let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+            .conv1
+            .forward_with_offset(&self.norm1.forward_silu(x)?, Some(&t))?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -1,0 +1,415 @@
+//! Scaled dot-product attention a block of queries at a time, on the projections' own layout.
+//!
+//! Each task is one head of one image and a block of queries: its scores (`block × keys`) stay
+//! in a buffer of about a megabyte, softmaxed in place and multiplied into the output, so the
+//! `(heads, queries, keys)` probability tensor never exists; a block holds whole rows of keys,
+//! so the softmax is exact in one pass. Queries, keys, values and the output are read and
+//! written as `(batch, tokens, heads·d)`, the layout the projections produce, so no head is
+//! split off or merged back by copying.
+//!
+//! The backward recomputes each block's probabilities and needs only `q`, `k`, `v` and the
+//! output gradient; it runs one task per head, which owns that head's `∂k` and `∂v`.
+
+use rayon::prelude::*;
+
+use super::simd::{self, dispatch};
+
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Batch.
+    pub batch: usize,
+    /// Query tokens.
+    pub queries: usize,
+    /// Key (and value) tokens.
+    pub keys: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Queries per block: a block's scores fill about a megabyte.
+    fn block(&self) -> usize {
+        (262_144 / self.keys.max(1)).clamp(16, 1024).min(self.queries.max(1))
+    }
+}
+
+/// A row-major `(rows, cols)` view into one head of a `(tokens, heads·d)` matrix.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+/// `dst (m×n) (+)= α·a (m×k) · b (k×n)` on the calling thread.
+///
+/// # Safety
+/// The views must be valid for their extents and `dst` must not overlap them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    (m, n, k): (usize, usize, usize),
+    a: View,
+    b: View,
+    alpha: f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.ptr,
+            a.col_stride,
+            a.row_stride,
+            b.ptr,
+            b.col_stride,
+            b.row_stride,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+dispatch! {
+    /// Each row of `scores` (already scaled) becomes its softmax.
+    fn softmax_rows(scores: &mut [f32], row: usize) {
+        for r in scores.chunks_mut(row) {
+            let max = simd::max(r);
+            for v in r.iter_mut() {
+                *v = simd::exp(*v - max);
+            }
+            let inv = (1.0 / simd::sum(r)) as f32;
+            for v in r.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// `ds = p ⊙ (dp − Σ_row dp⊙p) · scale`, in place of `dp`.
+    fn softmax_grad_rows(dp: &mut [f32], p: &[f32], row: usize, scale: f32) {
+        for (d, p) in dp.chunks_mut(row).zip(p.chunks(row)) {
+            let inner = simd::sum_zip(d, p, |a, b| a * b) as f32;
+            for (d, p) in d.iter_mut().zip(p) {
+                *d = p * (*d - inner) * scale;
+            }
+        }
+    }
+}
+
+/// Raw pointers shared by the tasks; each task writes only its own rows and head columns.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: tasks write disjoint elements through it (see each use).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so that closures capture the whole `Shared`, which is `Sync`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One head of one image: where its `(tokens, d)` slice of a `(batch, tokens, heads·d)` tensor
+/// starts.
+fn head_offset(s: &AttentionShape, image: usize, tokens: usize, head: usize) -> usize {
+    image * tokens * s.width() + head * s.head_dim
+}
+
+/// `softmax(q·kᵀ·scale)·v` for `q`: `(batch, queries, heads·d)`, `k`, `v`: `(batch, keys,
+/// heads·d)`. Returns `(batch, queries, heads·d)`.
+pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) -> Vec<f32> {
+    let w = s.width();
+    assert_eq!(q.len(), s.batch * s.queries * w, "attention: query size");
+    assert_eq!(k.len(), s.batch * s.keys * w, "attention: key size");
+    assert_eq!(v.len(), k.len(), "attention: value size");
+    let mut out = vec![0f32; q.len()];
+    let out_ptr = Shared(out.as_mut_ptr());
+    let block = s.block();
+    let blocks = s.queries.div_ceil(block);
+    (0..s.batch * s.heads * blocks)
+        .into_par_iter()
+        .for_each_init(
+            || vec![0f32; block * s.keys],
+            |scores, task| {
+                let (image, head, b) = (task / (s.heads * blocks), (task / blocks) % s.heads, task % blocks);
+                let start = b * block;
+                let rows = block.min(s.queries - start);
+                let q_at = head_offset(&s, image, s.queries, head) + start * w;
+                let kv_at = head_offset(&s, image, s.keys, head);
+                let row = |ptr: *const f32| View {
+                    ptr,
+                    row_stride: w as isize,
+                    col_stride: 1,
+                };
+                let transposed = |ptr: *const f32| View {
+                    ptr,
+                    row_stride: 1,
+                    col_stride: w as isize,
+                };
+                let scores = &mut scores[..rows * s.keys];
+                // SAFETY: the views stay inside `q`, `k`, `v` (rows·w from their offsets); the
+                // output rows `start..start + rows` of this head are written by this task only.
+                unsafe {
+                    product(
+                        scores.as_mut_ptr(),
+                        s.keys,
+                        false,
+                        (rows, s.keys, s.head_dim),
+                        row(q[q_at..].as_ptr()),
+                        transposed(k[kv_at..].as_ptr()),
+                        scale,
+                    );
+                    softmax_rows(scores, s.keys);
+                    product(
+                        out_ptr.get().add(q_at),
+                        w,
+                        false,
+                        (rows, s.head_dim, s.keys),
+                        View {
+                            ptr: scores.as_ptr(),
+                            row_stride: s.keys as isize,
+                            col_stride: 1,
+                        },
+                        row(v[kv_at..].as_ptr()),
+                        1.0,
+                    );
+                }
+            },
+        );
+    out
+}
+
+/// `(∂L/∂q, ∂L/∂k, ∂L/∂v)` of [`attend`] given `∂L/∂out` (`g`, the shape of `q`).
+pub fn attend_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    s: AttentionShape,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let w = s.width();
+    assert_eq!(g.len(), q.len(), "attention backward: gradient size");
+    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        Shared(dq.as_mut_ptr()),
+        Shared(dk.as_mut_ptr()),
+        Shared(dv.as_mut_ptr()),
+    );
+    let block = s.block();
+    (0..s.batch * s.heads).into_par_iter().for_each(|task| {
+        let (image, head) = (task / s.heads, task % s.heads);
+        let mut p = vec![0f32; block * s.keys];
+        let mut dp = vec![0f32; block * s.keys];
+        let kv_at = head_offset(&s, image, s.keys, head);
+        let row = |ptr: *const f32| View {
+            ptr,
+            row_stride: w as isize,
+            col_stride: 1,
+        };
+        let transposed = |ptr: *const f32| View {
+            ptr,
+            row_stride: 1,
+            col_stride: w as isize,
+        };
+        let dense = |ptr: *const f32, cols: usize| View {
+            ptr,
+            row_stride: cols as isize,
+            col_stride: 1,
+        };
+        let dense_t = |ptr: *const f32, cols: usize| View {
+            ptr,
+            row_stride: 1,
+            col_stride: cols as isize,
+        };
+        for (b, start) in (0..s.queries).step_by(block).enumerate() {
+            let rows = block.min(s.queries - start);
+            let q_at = head_offset(&s, image, s.queries, head) + start * w;
+            let (p, dp) = (&mut p[..rows * s.keys], &mut dp[..rows * s.keys]);
+            let (dq_base, dk_base, dv_base) = (dq_ptr.get(), dk_ptr.get(), dv_ptr.get());
+            // SAFETY: reads stay inside `q`, `k`, `v`, `g` as in `attend`; this task alone
+            // writes head `head` of image `image` in `dq`, `dk` and `dv`.
+            unsafe {
+                product(
+                    p.as_mut_ptr(),
+                    s.keys,
+                    false,
+                    (rows, s.keys, s.head_dim),
+                    row(q[q_at..].as_ptr()),
+                    transposed(k[kv_at..].as_ptr()),
+                    scale,
+                );
+                softmax_rows(p, s.keys);
+                // ∂v += pᵀ·g
+                product(
+                    dv_base.add(kv_at),
+                    w,
+                    b > 0,
+                    (s.keys, s.head_dim, rows),
+                    dense_t(p.as_ptr(), s.keys),
+                    row(g[q_at..].as_ptr()),
+                    1.0,
+                );
+                // ∂p = g·vᵀ, then ∂s in place.
+                product(
+                    dp.as_mut_ptr(),
+                    s.keys,
+                    false,
+                    (rows, s.keys, s.head_dim),
+                    row(g[q_at..].as_ptr()),
+                    transposed(v[kv_at..].as_ptr()),
+                    1.0,
+                );
+                softmax_grad_rows(dp, p, s.keys, scale);
+                // ∂q = ∂s·k
+                product(
+                    dq_base.add(q_at),
+                    w,
+                    false,
+                    (rows, s.head_dim, s.keys),
+                    dense(dp.as_ptr(), s.keys),
+                    row(k[kv_at..].as_ptr()),
+                    1.0,
+                );
+                // ∂k += ∂sᵀ·q
+                product(
+                    dk_base.add(kv_at),
+                    w,
+                    b > 0,
+                    (s.keys, s.head_dim, rows),
+                    dense_t(dp.as_ptr(), s.keys),
+                    row(q[q_at..].as_ptr()),
+                    1.0,
+                );
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var, D};
+
+    use super::*;
+    use crate::engine::rng::Rng;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        Rng::new(seed)
+            .randn(shape, DType::F32, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
+        let scale = reference.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let worst = ours
+            .iter()
+            .zip(reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 3e-5 * scale, "{what}: max error {worst} at scale {scale}");
+    }
+
+    /// `(b, n, heads·d)` → `(b, heads, n, d)`.
+    fn heads_of(t: &Tensor, heads: usize) -> Tensor {
+        let (b, n, c) = t.dims3().unwrap();
+        t.reshape((b, n, heads, c / heads))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    /// Output and the three gradients against candle's matmuls and a softmax of basic ops
+    /// (which its autograd differentiates), with blocks that don't divide the queries.
+    #[test]
+    fn matches_candle_attention_and_its_gradients() {
+        // (batch, queries, keys, heads, head_dim)
+        for (seed, &(batch, queries, keys, heads, head_dim)) in
+            [(1, 37, 37, 2, 8), (2, 300, 77, 3, 5), (1, 2000, 130, 1, 4), (2, 1, 9, 4, 3)]
+                .iter()
+                .enumerate()
+        {
+            let what = format!("b{batch} n{queries} m{keys} h{heads} d{head_dim}");
+            let seed = seed as u64 * 10;
+            let width = heads * head_dim;
+            let q = random(&[batch, queries, width], seed);
+            let k = random(&[batch, keys, width], seed + 1);
+            let v = random(&[batch, keys, width], seed + 2);
+            let g = random(&[batch, queries, width], seed + 3);
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            let shape = AttentionShape {
+                batch,
+                queries,
+                keys,
+                heads,
+                head_dim,
+            };
+
+            let vars: Vec<Var> = [&q, &k, &v].iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let (qh, kh, vh) = (
+                heads_of(vars[0].as_tensor(), heads),
+                heads_of(vars[1].as_tensor(), heads),
+                heads_of(vars[2].as_tensor(), heads),
+            );
+            let scores = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap();
+            let shifted = scores
+                .broadcast_sub(&scores.max_keepdim(D::Minus1).unwrap().detach())
+                .unwrap()
+                .exp()
+                .unwrap();
+            let probs = shifted
+                .broadcast_div(&shifted.sum_keepdim(D::Minus1).unwrap())
+                .unwrap();
+            let reference = probs
+                .matmul(&vh)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((batch, queries, width))
+                .unwrap();
+            let out = attend(&values(&q), &values(&k), &values(&v), shape, scale as f32);
+            assert_close(&out, &values(&reference), &format!("{what}: output"));
+
+            let grads = (reference * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let (dq, dk, dv) = attend_backward(
+                &values(&q),
+                &values(&k),
+                &values(&v),
+                &values(&g),
+                shape,
+                scale as f32,
+            );
+            for (name, ours, var) in [("dq", dq, &vars[0]), ("dk", dk, &vars[1]), ("dv", dv, &vars[2])] {
+                let reference = values(grads.get(var.as_tensor()).unwrap());
+                assert_close(&ours, &reference, &format!("{what}: {name}"));
+            }
+        }
+    }
+}
