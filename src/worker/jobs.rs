@@ -77,6 +77,10 @@ pub(super) fn run(
             break;
         }
         state.handle_safely(command, &outbox, &cancel);
+        if commands.is_empty() {
+            // Idle until the next command: what the last one freed goes back to the system.
+            engine::cpu::allocator::release_freed_memory();
+        }
     }
 }
 

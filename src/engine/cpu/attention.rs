@@ -10,9 +10,11 @@
 //! The backward recomputes each block's probabilities and needs only `q`, `k`, `v` and the
 //! output gradient; it runs one task per head, which owns that head's `∂k` and `∂v`.
 
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::simd::{self, dispatch};
+use super::{tensor, with_f32};
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,18 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// The sizes for `q`: `(b, n, heads·d)` and `k`: `(b, m, heads·d)`.
+    pub fn of(q: &Tensor, k: &Tensor, heads: usize) -> Result<Self> {
+        let (batch, queries, width) = q.dims3()?;
+        Ok(Self {
+            batch,
+            queries,
+            keys: k.dim(1)?,
+            heads,
+            head_dim: width / heads,
+        })
+    }
+
     fn width(&self) -> usize {
         self.heads * self.head_dim
     }
@@ -198,6 +212,16 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
             },
         );
     out
+}
+
+/// [`attend`] on f32 CPU tensors `q`: `(b, n, heads·d)`, `k`, `v`: `(b, m, heads·d)`, outside
+/// any graph.
+pub fn attend_tensors(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let shape = AttentionShape::of(q, k, heads)?;
+    let out = with_f32(q, |q| {
+        with_f32(k, |k| with_f32(v, |v| attend(q, k, v, shape, scale as f32)))
+    })???;
+    tensor(out, q.shape())
 }
 
 /// `(∂L/∂q, ∂L/∂k, ∂L/∂v)` of [`attend`] given `∂L/∂out` (`g`, the shape of `q`).

@@ -113,7 +113,7 @@ impl Attention {
             _ if cpu::handles(x) => {
                 let q = self.to_q.forward(x)?;
                 let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
-                attend_cpu(&q, &k, &v, self.heads, self.scale)?
+                cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale)?
             }
             _ => {
                 let (q, k, v) = self.project(x, context)?;
@@ -198,12 +198,12 @@ impl Attention {
             project(&x_detached, wk)?,
             project(&x_detached, wv)?,
         );
-        let out = attend_cpu(&q, &k, &v, self.heads, self.scale)?;
+        let out = cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale)?;
         let (w_qkv, heads, scale) = (self.w_qkv.clone(), self.heads, self.scale);
         with_vjp("self_attention", x, out, move |x, _, g| {
             let [wq, wk, wv] = &w_qkv;
             let (q, k, v) = (project(x, wq)?, project(x, wk)?, project(x, wv)?);
-            let shape = attention_shape(&q, &k, heads)?;
+            let shape = AttentionShape::of(&q, &k, heads)?;
             let (dq, dk, dv) = cpu::with_f32(&q, |q| {
                 cpu::with_f32(&k, |k| {
                     cpu::with_f32(&v, |v| {
@@ -217,29 +217,6 @@ impl Attention {
             (back(dq, wq)? + back(dk, wk)?)? + back(dv, wv)?
         })
     }
-}
-
-/// The kernel's sizes for `q`: `(b, n, heads·d)` and `k`: `(b, m, heads·d)`.
-fn attention_shape(q: &Tensor, k: &Tensor, heads: usize) -> Result<AttentionShape> {
-    let (batch, queries, width) = q.dims3()?;
-    Ok(AttentionShape {
-        batch,
-        queries,
-        keys: k.dim(1)?,
-        heads,
-        head_dim: width / heads,
-    })
-}
-
-/// `softmax(q·kᵀ·scale)·v` per head on merged-head `(b, tokens, heads·d)` f32 CPU tensors.
-fn attend_cpu(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    let shape = attention_shape(q, k, heads)?;
-    let out = cpu::with_f32(q, |q| {
-        cpu::with_f32(k, |k| {
-            cpu::with_f32(v, |v| cpu::attention::attend(q, k, v, shape, scale as f32))
-        })
-    })???;
-    cpu::tensor(out, q.shape())
 }
 
 /// GEGLU feed-forward: `Linear(d → 2·4d)`, `a·gelu(b)`, `Linear(4d → d)`.

@@ -6,7 +6,7 @@
 //! diffusers' safetensors unchanged.
 
 mod attention;
-mod resnet;
+pub mod resnet;
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -80,7 +80,7 @@ impl UNet {
         let resnet = |c_in, c_out| ResnetShape {
             c_in,
             c_out,
-            temb,
+            temb: Some(temb),
             groups: config.norm_num_groups,
             eps: config.norm_eps,
             output_scale: 1.0,
@@ -307,7 +307,7 @@ impl UNet {
         let mut skips = vec![h.clone()];
         for level in &self.down {
             for (j, resnet) in level.resnets.iter().enumerate() {
-                h = resnet.forward(&h, &temb)?;
+                h = resnet.forward(&h, Some(&temb))?;
                 if let Some(t) = level.attentions.get(j) {
                     h = t.forward(&h, &context, control)?;
                 }
@@ -319,14 +319,14 @@ impl UNet {
             }
         }
 
-        h = self.mid.resnet_in.forward(&h, &temb)?;
+        h = self.mid.resnet_in.forward(&h, Some(&temb))?;
         h = self.mid.attention.forward(&h, &context, control)?;
-        h = self.mid.resnet_out.forward(&h, &temb)?;
+        h = self.mid.resnet_out.forward(&h, Some(&temb))?;
 
         for level in &self.up {
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up resnet");
-                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb)?;
+                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(&temb))?;
                 if let Some(t) = level.attentions.get(j) {
                     h = t.forward(&h, &context, control)?;
                 }

@@ -1,19 +1,20 @@
-//! The UNet's convolutional pieces: the resnet block and the two resamplers.
+//! The convolutional pieces of the UNet and the VAE: the resnet block and the two resamplers.
 //!
 //! They are ours rather than candle-transformers' so that their convolutions and norms are the
-//! latent-only-gradient ops of [`crate::engine::grad_ops`]; the weight names follow diffusers.
+//! latent-only-gradient ops of [`crate::engine::grad_ops`] (and run on its CPU kernels); the
+//! weight names follow diffusers.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::engine::grad_ops::{Conv2d, GroupNorm, Linear};
 
-/// diffusers' `ResnetBlock2D` with a timestep embedding and SiLU.
+/// diffusers' `ResnetBlock2D` with SiLU, and a timestep embedding in the UNet.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -27,8 +28,8 @@ pub struct ResnetShape {
     pub c_in: usize,
     /// Output channels.
     pub c_out: usize,
-    /// Width of the timestep embedding.
-    pub temb: usize,
+    /// Width of the timestep embedding (the UNet's blocks; the VAE's have none).
+    pub temb: Option<usize>,
     /// Group-norm groups.
     pub groups: usize,
     /// Group-norm epsilon.
@@ -38,8 +39,8 @@ pub struct ResnetShape {
 }
 
 impl ResnetBlock {
-    /// Loads the block from `vb` (`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`,
-    /// and `conv_shortcut` when the channel count changes).
+    /// Loads the block from `vb` (`norm1`, `conv1`, `time_emb_proj` with a timestep embedding,
+    /// `norm2`, `conv2`, and `conv_shortcut` when the channel count changes).
     pub fn load(vb: VarBuilder, s: ResnetShape) -> Result<Self> {
         let conv_shortcut = if s.c_in != s.c_out {
             Some(Conv2d::load(
@@ -56,7 +57,10 @@ impl ResnetBlock {
         Ok(Self {
             norm1: GroupNorm::load(vb.pp("norm1"), s.groups, s.c_in, s.eps)?,
             conv1: Conv2d::load(vb.pp("conv1"), s.c_in, s.c_out, 3, 1, 1)?,
-            time_emb_proj: Linear::load(vb.pp("time_emb_proj"), s.temb, s.c_out, true)?,
+            time_emb_proj: s
+                .temb
+                .map(|temb| Linear::load(vb.pp("time_emb_proj"), temb, s.c_out, true))
+                .transpose()?,
             norm2: GroupNorm::load(vb.pp("norm2"), s.groups, s.c_out, s.eps)?,
             conv2: Conv2d::load(vb.pp("conv2"), s.c_out, s.c_out, 3, 1, 1)?,
             conv_shortcut,
@@ -64,14 +68,16 @@ impl ResnetBlock {
         })
     }
 
-    /// `x`: `(b, c_in, h, w)`, `temb`: `(b, temb)` → `(b, c_out, h, w)`.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let t = self
-            .time_emb_proj
-            .forward(&candle_nn::ops::silu(temb)?)?;
+    /// `x`: `(b, c_in, h, w)`, `temb`: `(b, temb)` (in the UNet) → `(b, c_out, h, w)`.
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&candle_nn::ops::silu(temb)?)?),
+            (None, None) => None,
+            _ => candle_core::bail!("resnet block: a timestep embedding is needed exactly when the block has time_emb_proj"),
+        };
         let h = self
             .conv1
-            .forward_with_offset(&self.norm1.forward_silu(x)?, Some(&t))?;
+            .forward_with_offset(&self.norm1.forward_silu(x)?, t.as_ref())?;
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
@@ -90,6 +96,7 @@ impl ResnetBlock {
 #[derive(Debug, Clone)]
 pub struct Downsample {
     conv: Conv2d,
+    padding: usize,
 }
 
 impl Downsample {
@@ -97,13 +104,21 @@ impl Downsample {
     pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
         Ok(Self {
             conv: Conv2d::load(vb.pp("conv"), channels, channels, 3, padding, 2)?,
+            padding,
         })
     }
 }
 
 impl Module for Downsample {
+    /// Without padding, the input gets one zero row and column at the bottom and right first,
+    /// as diffusers' `Downsample2D` does (the VAE encoder's layout).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(x)
+        if self.padding == 0 {
+            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
     }
 }
 
@@ -119,6 +134,12 @@ impl Upsample {
         Ok(Self {
             conv: Conv2d::load(vb.pp("conv"), channels, channels, 3, 1, 1)?,
         })
+    }
+
+    /// Up-samples `x` to twice its size.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        self.forward_to(x, (2 * h, 2 * w))
     }
 
     /// Up-samples `x` to `(h, w)`.

@@ -1,22 +1,19 @@
 //! The VAE: images in `[-1, 1]` ↔ latents scaled by the config's `scaling_factor` (0.18215).
 //!
-//! The encoder and decoder are assembled from candle-transformers' public blocks; they are ours
-//! only because candle's `AutoEncoderKL` keeps the posterior mean private and samples it with the
-//! unseedable CPU generator, while pix2pix-zero wants the mean by default and a seeded sample as
-//! an option.
+//! The encoder and decoder are ours ([`blocks`]), on the layers the UNet uses: candle's
+//! `AutoEncoderKL` keeps the posterior mean private and samples it with the unseedable CPU
+//! generator (pix2pix-zero wants the mean by default and a seeded sample as an option), and its
+//! blocks would not run on our CPU kernels.
+
+mod blocks;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    UpDecoderBlock2D, UpDecoderBlock2DConfig,
-};
 
 use super::config::VaeConfig;
+use super::grad_ops::{Conv2d, GroupNorm};
 use super::rng::Rng;
-
-/// Epsilon of every group norm in the VAE.
-const VAE_NORM_EPS: f64 = 1e-6;
+use blocks::{DownBlock, MidBlock, UpBlock, VAE_NORM_EPS};
 
 /// How an image becomes a latent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -54,32 +51,17 @@ impl Posterior {
     }
 }
 
-fn conv3(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<candle_nn::Conv2d> {
-    let cfg = candle_nn::Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    candle_nn::conv2d(c_in, c_out, 3, cfg, vb)
-}
-
-fn mid_block(vb: VarBuilder, channels: usize, groups: usize) -> Result<UNetMidBlock2D> {
-    let cfg = UNetMidBlock2DConfig {
-        resnet_eps: VAE_NORM_EPS,
-        output_scale_factor: 1.,
-        attn_num_head_channels: None,
-        resnet_groups: Some(groups),
-        ..Default::default()
-    };
-    UNetMidBlock2D::new(vb, channels, None, cfg)
+fn conv3(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Conv2d> {
+    Conv2d::load(vb, c_in, c_out, 3, 1, 1)
 }
 
 #[derive(Debug)]
 struct Encoder {
-    conv_in: candle_nn::Conv2d,
-    down: Vec<DownEncoderBlock2D>,
-    mid: UNetMidBlock2D,
-    norm_out: candle_nn::GroupNorm,
-    conv_out: candle_nn::Conv2d,
+    conv_in: Conv2d,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
 }
 
 impl Encoder {
@@ -87,28 +69,25 @@ impl Encoder {
         let chans = &c.block_out_channels;
         let down = (0..chans.len())
             .map(|i| {
-                let cfg = DownEncoderBlock2DConfig {
-                    num_layers: c.layers_per_block,
-                    resnet_eps: VAE_NORM_EPS,
-                    resnet_groups: c.norm_num_groups,
-                    add_downsample: i + 1 < chans.len(),
-                    downsample_padding: 0,
-                    ..Default::default()
-                };
-                let c_in = chans[i.saturating_sub(1)];
-                DownEncoderBlock2D::new(vb.pp(format!("down_blocks.{i}")), c_in, chans[i], cfg)
+                DownBlock::load(
+                    vb.pp(format!("down_blocks.{i}")),
+                    (chans[i.saturating_sub(1)], chans[i]),
+                    c.layers_per_block,
+                    c.norm_num_groups,
+                    i + 1 < chans.len(),
+                )
             })
             .collect::<Result<_>>()?;
         let last = *chans.last().expect("validated non-empty");
         Ok(Self {
             conv_in: conv3(vb.pp("conv_in"), c.in_channels, chans[0])?,
             down,
-            mid: mid_block(vb.pp("mid_block"), last, c.norm_num_groups)?,
-            norm_out: candle_nn::group_norm(
+            mid: MidBlock::load(vb.pp("mid_block"), last, c.norm_num_groups)?,
+            norm_out: GroupNorm::load(
+                vb.pp("conv_norm_out"),
                 c.norm_num_groups,
                 last,
                 VAE_NORM_EPS,
-                vb.pp("conv_norm_out"),
             )?,
             conv_out: conv3(vb.pp("conv_out"), last, 2 * c.latent_channels)?,
         })
@@ -129,18 +108,18 @@ impl Encoder {
         for block in &self.down {
             h = block.forward(&h)?;
         }
-        let h = self.norm_out.forward(&self.mid.forward(&h, None)?)?;
-        self.conv_out.forward(&candle_nn::ops::silu(&h)?)
+        let h = self.norm_out.forward_silu(&self.mid.forward(&h)?)?;
+        self.conv_out.forward(&h)
     }
 }
 
 #[derive(Debug)]
 struct Decoder {
-    conv_in: candle_nn::Conv2d,
-    mid: UNetMidBlock2D,
-    up: Vec<UpDecoderBlock2D>,
-    norm_out: candle_nn::GroupNorm,
-    conv_out: candle_nn::Conv2d,
+    conv_in: Conv2d,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
 }
 
 impl Decoder {
@@ -148,38 +127,36 @@ impl Decoder {
         let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let up = (0..reversed.len())
             .map(|i| {
-                let cfg = UpDecoderBlock2DConfig {
-                    num_layers: c.layers_per_block + 1,
-                    resnet_eps: VAE_NORM_EPS,
-                    resnet_groups: c.norm_num_groups,
-                    add_upsample: i + 1 < reversed.len(),
-                    ..Default::default()
-                };
-                let c_in = reversed[i.saturating_sub(1)];
-                UpDecoderBlock2D::new(vb.pp(format!("up_blocks.{i}")), c_in, reversed[i], cfg)
+                UpBlock::load(
+                    vb.pp(format!("up_blocks.{i}")),
+                    (reversed[i.saturating_sub(1)], reversed[i]),
+                    c.layers_per_block + 1,
+                    c.norm_num_groups,
+                    i + 1 < reversed.len(),
+                )
             })
             .collect::<Result<_>>()?;
         let first = c.block_out_channels[0];
         Ok(Self {
             conv_in: conv3(vb.pp("conv_in"), c.latent_channels, reversed[0])?,
-            mid: mid_block(vb.pp("mid_block"), reversed[0], c.norm_num_groups)?,
+            mid: MidBlock::load(vb.pp("mid_block"), reversed[0], c.norm_num_groups)?,
             up,
-            norm_out: candle_nn::group_norm(
+            norm_out: GroupNorm::load(
+                vb.pp("conv_norm_out"),
                 c.norm_num_groups,
                 first,
                 VAE_NORM_EPS,
-                vb.pp("conv_norm_out"),
             )?,
             conv_out: conv3(vb.pp("conv_out"), first, c.out_channels)?,
         })
     }
 
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut h = self.mid.forward(&self.conv_in.forward(z)?, None)?;
+        let mut h = self.mid.forward(&self.conv_in.forward(z)?)?;
         for block in &self.up {
             h = block.forward(&h)?;
         }
-        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
@@ -190,16 +167,15 @@ pub struct Vae {
     config: VaeConfig,
     encoder: Encoder,
     decoder: Decoder,
-    quant_conv: Option<candle_nn::Conv2d>,
-    post_quant_conv: Option<candle_nn::Conv2d>,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
 }
 
 impl Vae {
     /// Loads the VAE described by `config` from diffusers-named weights.
     pub fn load(vb: VarBuilder, config: VaeConfig) -> Result<Self> {
         let lc = config.latent_channels;
-        let one_by_one =
-            |name: &str, c: usize| candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name));
+        let one_by_one = |name: &str, c: usize| Conv2d::load(vb.pp(name), c, c, 1, 0, 1);
         Ok(Self {
             encoder: Encoder::load(vb.pp("encoder"), &config)?,
             decoder: Decoder::load(vb.pp("decoder"), &config)?,
