@@ -17,7 +17,7 @@ use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pix2pix_zero::engine::source::{self, DownloadProgress, ResolveOptions, DEFAULT_MODEL};
-use pix2pix_zero::engine::{ModelFiles, StableDiffusion};
+use pix2pix_zero::engine::{ModelFiles, StableDiffusion, TextModel};
 
 /// Numeric precision of weights and activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -168,6 +168,15 @@ impl ModelArgs {
         options.prefer_fp16_download = self.fp16_download;
         let mut bar = DownloadBar::default();
         Ok(source::resolve(&self.model, &options, &mut bar)?)
+    }
+
+    /// Finds the model and loads its tokenizer and text encoder only.
+    pub fn load_text(&self) -> Result<TextModel> {
+        let files = self.files()?;
+        let device = self.device()?;
+        let root = files.root.clone();
+        TextModel::load(files, &device, self.dtype())
+            .with_context(|| format!("loading the text encoder from `{}`", root.display()))
     }
 
     /// Finds and loads the model.

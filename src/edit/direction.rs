@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::sentences;
 use crate::engine::text::MAX_TOKENS;
-use crate::engine::{Error, Result, StableDiffusion};
+use crate::engine::{Error, Result, TextSide};
 
 /// Prompts embedded per text-encoder call.
 const EMBED_BATCH: usize = 32;
@@ -28,7 +28,8 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// Mean `last_hidden_state` over `sentences`, `(1, 77, d)`, in f32.
-pub fn mean_embedding(model: &StableDiffusion, sentences: &[String]) -> Result<Tensor> {
+pub fn mean_embedding<'a>(model: impl Into<TextSide<'a>>, sentences: &[String]) -> Result<Tensor> {
+    let model = model.into();
     if sentences.is_empty() {
         return Err(Error::Input("no sentences to embed".into()));
     }
@@ -37,7 +38,7 @@ pub fn mean_embedding(model: &StableDiffusion, sentences: &[String]) -> Result<T
         let prompts: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let embedded = model
             .text
-            .embed(&prompts, &model.device, DType::F32)?
+            .embed(&prompts, model.device, DType::F32)?
             .sum_keepdim(0)?;
         sum = Some(match sum {
             Some(s) => (s + embedded)?,
@@ -113,7 +114,7 @@ impl EmbeddingCache {
     }
 
     /// A key that changes whenever the text encoder's weights or the sentences change.
-    fn key(model: &StableDiffusion, word: &str, sentences: &[String]) -> Result<String> {
+    fn key(model: TextSide<'_>, word: &str, sentences: &[String]) -> Result<String> {
         let weights = &model.files.text_encoder.1;
         let meta = std::fs::metadata(weights)?;
         let model_key = format!(
@@ -136,12 +137,13 @@ impl EmbeddingCache {
     }
 
     /// The mean embedding of `sentences` about `word`, from the cache or computed and stored.
-    pub fn mean_embedding(
+    pub fn mean_embedding<'a>(
         &self,
-        model: &StableDiffusion,
+        model: impl Into<TextSide<'a>>,
         word: &str,
         sentences: &[String],
     ) -> Result<Tensor> {
+        let model = model.into();
         let path = self.dir.join(Self::key(model, word, sentences)?);
         if let Ok(tensor) = load_direction(&path, model) {
             return Ok(tensor);
@@ -180,7 +182,12 @@ pub fn direction(source: &Tensor, target: &Tensor) -> Result<Tensor> {
 }
 
 /// Checks that `direction` fits `model`'s text embeddings: `(1, 77, d)`.
-pub fn check_shape(direction: &Tensor, model: &StableDiffusion, origin: &Path) -> Result<()> {
+pub fn check_shape<'a>(
+    direction: &Tensor,
+    model: impl Into<TextSide<'a>>,
+    origin: &Path,
+) -> Result<()> {
+    let model = model.into();
     let d = model.text.encoder.config().hidden_size;
     if direction.dims() != [1, MAX_TOKENS, d] {
         return Err(Error::Input(format!(
@@ -201,7 +208,8 @@ pub fn save_direction(path: &Path, direction: &Tensor) -> Result<()> {
 
 /// Loads a direction from our `.safetensors` or the authors' `.pt`, checks its shape against
 /// `model`, and returns it in f32 on the model's device.
-pub fn load_direction(path: &Path, model: &StableDiffusion) -> Result<Tensor> {
+pub fn load_direction<'a>(path: &Path, model: impl Into<TextSide<'a>>) -> Result<Tensor> {
+    let model = model.into();
     let tensor = match path.extension().and_then(|e| e.to_str()) {
         Some("pt") | Some("pth") => read_torch_tensor(path)?,
         Some("safetensors") => {
@@ -232,7 +240,7 @@ pub fn load_direction(path: &Path, model: &StableDiffusion) -> Result<Tensor> {
         }
     };
     check_shape(&tensor, model, path)?;
-    Ok(tensor.to_dtype(DType::F32)?.to_device(&model.device)?)
+    Ok(tensor.to_dtype(DType::F32)?.to_device(model.device)?)
 }
 
 /// Reads the single tensor of a `torch.save(tensor, path)` file (a zip holding a pickle and the

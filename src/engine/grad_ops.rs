@@ -151,6 +151,13 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `∂L/∂x` given `∂L/∂y`: `g·W`.
+    pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        g.broadcast_matmul(&self.weight)
+    }
+}
+
 impl Module for Linear {
     /// `x`: `(..., in_features)` → `(..., out_features)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -228,7 +235,9 @@ impl Conv2d {
     fn candle_weight(&self) -> Result<Tensor> {
         match &self.weights {
             ConvWeights::Candle(w) => Ok(w.clone()),
-            ConvWeights::Packed(p) => cpu::tensor(p.unpack(), (p.c_out, p.c_in, p.kernel, p.kernel)),
+            ConvWeights::Packed(p) => {
+                cpu::tensor(p.unpack(), (p.c_out, p.c_in, p.kernel, p.kernel))
+            }
         }
     }
 
@@ -256,12 +265,27 @@ impl Conv2d {
             }
         };
         let shape = nchw(x)?;
-        let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?;
         let offset = offset.map(|o| o.to_dtype(DType::F32)).transpose()?;
         let (y, out_shape) = cpu::with_f32(&x.detach(), |x| {
-            let bias = bias.as_ref().map(|b| cpu::with_f32(b, <[f32]>::to_vec)).transpose()?;
-            let offset = offset.as_ref().map(|o| cpu::with_f32(o, <[f32]>::to_vec)).transpose()?;
-            Ok::<_, candle_core::Error>(packed.forward(x, shape, bias.as_deref(), offset.as_deref()))
+            let bias = bias
+                .as_ref()
+                .map(|b| cpu::with_f32(b, <[f32]>::to_vec))
+                .transpose()?;
+            let offset = offset
+                .as_ref()
+                .map(|o| cpu::with_f32(o, <[f32]>::to_vec))
+                .transpose()?;
+            Ok::<_, candle_core::Error>(packed.forward(
+                x,
+                shape,
+                bias.as_deref(),
+                offset.as_deref(),
+            ))
         })??;
         let y = cpu::tensor(y, (out_shape.n, out_shape.c, out_shape.h, out_shape.w))?;
         with_vjp("conv2d", x, y, move |x, _, g| {
@@ -430,7 +454,7 @@ impl GroupNorm {
 
 impl GroupNorm {
     /// `silu(group_norm(x))`, fused into one pass on the CPU.
-    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         if cpu::handles(x) {
             self.forward_cpu(x, true)
         } else {
@@ -438,15 +462,45 @@ impl GroupNorm {
         }
     }
 
-    fn forward_cpu(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+    /// The parameters in the form the CPU kernel takes.
+    fn cpu_params(&self, silu: bool) -> Result<GroupNormParams> {
         let f32_vec = |t: &Tensor| cpu::with_f32(&t.to_dtype(DType::F32)?, <[f32]>::to_vec);
-        let params = GroupNormParams {
+        Ok(GroupNormParams {
             weight: f32_vec(&self.weight)?,
             bias: f32_vec(&self.bias)?,
             groups: self.groups,
             eps: self.eps as f32,
             silu,
+        })
+    }
+
+    /// `conv(silu(norm(x))) + offset`, the opening of every resnet branch.
+    ///
+    /// Inside a graph on the CPU it is one node that keeps only `x`: a convolution's input
+    /// gradient needs only its weights, so nothing in between is kept for the backward, where
+    /// separate nodes would keep the normalised activation too (a resnet block then holds two
+    /// activations for the backward instead of four).
+    pub fn then_conv(&self, conv: &Conv2d, x: &Tensor, offset: Option<&Tensor>) -> Result<Tensor> {
+        let packed = match &conv.weights {
+            ConvWeights::Packed(p)
+                if cpu::handles(x) && x.track_op() && offset.is_none_or(|o| !o.track_op()) =>
+            {
+                p.clone()
+            }
+            _ => return conv.forward_with_offset(&self.forward_silu(x)?, offset),
         };
+        let params = self.cpu_params(true)?;
+        let y = conv.forward_with_offset(&self.forward_silu(&x.detach())?, offset)?;
+        with_vjp("group_norm_silu_conv2d", x, y, move |x, _, g| {
+            let shape = nchw(x)?;
+            let d_activation = cpu::with_f32(g, |g| packed.input_grad(g, shape))?;
+            let dx = cpu::with_f32(x, |x| params.backward(x, &d_activation, shape))?;
+            cpu::tensor(dx, x.shape())
+        })
+    }
+
+    fn forward_cpu(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let params = self.cpu_params(silu)?;
         let shape = nchw(x)?;
         let y = cpu::with_f32(&x.detach(), |x| params.forward(x, shape))?;
         let y = cpu::tensor(y, x.shape())?;

@@ -17,6 +17,7 @@ pub mod source;
 pub mod text;
 pub mod unet;
 pub mod vae;
+pub mod weights;
 
 use std::path::Path;
 
@@ -67,17 +68,15 @@ pub fn pick_device(cpu: bool) -> candle_core::Result<Device> {
 
 /// Opens a safetensors file as a `VarBuilder`, converting to `dtype` on load.
 pub fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    // SAFETY: the file is memory-mapped read-only; like every safetensors reader we rely on it
-    // not being modified while the model loads.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }.map_err(|e| {
-        Error::Weights {
+    weights::SafetensorsFile::open(path)
+        .map(|file| VarBuilder::from_backend(Box::new(file), dtype, device.clone()))
+        .map_err(|e| Error::Weights {
             path: path.to_path_buf(),
             message: format!(
                 "{}; the file is unreadable or not safetensors: download it again",
                 error::candle_message(&e)
             ),
-        }
-    })
+        })
 }
 
 /// Turns candle's "cannot find tensor" / "shape mismatch" into an error naming both files.
@@ -110,6 +109,73 @@ pub fn load_vae(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Vae
     Vae::load(open_weights(w, dtype, device)?, VaeConfig::load(cfg)?).map_err(weights_error(w, cfg))
 }
 
+/// What embedding text needs: the text encoder, the files it came from (cache keys) and its
+/// device. A [`StableDiffusion`] and a [`TextModel`] both give one.
+#[derive(Debug, Clone, Copy)]
+pub struct TextSide<'a> {
+    /// Tokenizer and CLIP text encoder.
+    pub text: &'a TextEncoder,
+    /// Where the model came from.
+    pub files: &'a ModelFiles,
+    /// The encoder's device.
+    pub device: &'a Device,
+}
+
+impl<'a> From<&'a StableDiffusion> for TextSide<'a> {
+    fn from(model: &'a StableDiffusion) -> Self {
+        Self {
+            text: &model.text,
+            files: &model.files,
+            device: &model.device,
+        }
+    }
+}
+
+/// A model's tokenizer and text encoder alone, for work that only embeds text (computing a
+/// direction): a tenth of the whole model's memory.
+#[derive(Debug)]
+pub struct TextModel {
+    /// Where the files came from.
+    pub files: ModelFiles,
+    /// Tokenizer and CLIP text encoder.
+    pub text: TextEncoder,
+    /// The device the encoder lives on.
+    pub device: Device,
+}
+
+impl TextModel {
+    /// Loads the tokenizer and text encoder of `files`.
+    pub fn load(files: ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        let text = load_text_encoder(&files, device, dtype)?;
+        Ok(Self {
+            files,
+            text,
+            device: device.clone(),
+        })
+    }
+}
+
+impl<'a> From<&'a TextModel> for TextSide<'a> {
+    fn from(model: &'a TextModel) -> Self {
+        Self {
+            text: &model.text,
+            files: &model.files,
+            device: &model.device,
+        }
+    }
+}
+
+/// The tokenizer and text encoder of `files`.
+fn load_text_encoder(files: &ModelFiles, device: &Device, dtype: DType) -> Result<TextEncoder> {
+    let text_config = TextEncoderConfig::load(&files.text_encoder.0)?;
+    let max_len = text_config.max_position_embeddings.min(MAX_TOKENS);
+    let tokenizer = ClipTokenizer::load(&files.tokenizer, max_len)?;
+    let (cfg, w) = (&files.text_encoder.0, &files.text_encoder.1);
+    let encoder = ClipTextEncoder::load(open_weights(w, dtype, device)?, text_config)
+        .map_err(weights_error(w, cfg))?;
+    Ok(TextEncoder { tokenizer, encoder })
+}
+
 impl StableDiffusion {
     /// Loads every component of `files` onto `device` in `dtype` (f32 on the CPU).
     pub fn load(files: ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
@@ -126,12 +192,7 @@ impl StableDiffusion {
                 text_config.hidden_size, unet_config.cross_attention_dim
             )));
         }
-        let max_len = text_config.max_position_embeddings.min(MAX_TOKENS);
-        let tokenizer = ClipTokenizer::load(&files.tokenizer, max_len)?;
-
-        let (cfg, w) = (&files.text_encoder.0, &files.text_encoder.1);
-        let encoder = ClipTextEncoder::load(open_weights(w, dtype, device)?, text_config)
-            .map_err(weights_error(w, cfg))?;
+        let text = load_text_encoder(&files, device, dtype)?;
         let (cfg, w) = (&files.unet.0, &files.unet.1);
         let unet = UNet::load(open_weights(w, dtype, device)?, unet_config)
             .map_err(weights_error(w, cfg))?;
@@ -141,7 +202,7 @@ impl StableDiffusion {
         let scheduler = Ddim::new(scheduler_config)?;
         Ok(Self {
             files,
-            text: TextEncoder { tokenizer, encoder },
+            text,
             unet,
             vae,
             scheduler,

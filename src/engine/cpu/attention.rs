@@ -50,7 +50,9 @@ impl AttentionShape {
 
     /// Queries per block: a block's scores fill about a megabyte.
     fn block(&self) -> usize {
-        (262_144 / self.keys.max(1)).clamp(16, 1024).min(self.queries.max(1))
+        (262_144 / self.keys.max(1))
+            .clamp(16, 1024)
+            .min(self.queries.max(1))
     }
 }
 
@@ -166,7 +168,11 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
         .for_each_init(
             || vec![0f32; block * s.keys],
             |scores, task| {
-                let (image, head, b) = (task / (s.heads * blocks), (task / blocks) % s.heads, task % blocks);
+                let (image, head, b) = (
+                    task / (s.heads * blocks),
+                    (task / blocks) % s.heads,
+                    task % blocks,
+                );
                 let start = b * block;
                 let rows = block.min(s.queries - start);
                 let q_at = head_offset(&s, image, s.queries, head) + start * w;
@@ -216,7 +222,13 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
 
 /// [`attend`] on f32 CPU tensors `q`: `(b, n, heads·d)`, `k`, `v`: `(b, m, heads·d)`, outside
 /// any graph.
-pub fn attend_tensors(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+pub fn attend_tensors(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let shape = AttentionShape::of(q, k, heads)?;
     let out = with_f32(q, |q| {
         with_f32(k, |k| with_f32(v, |v| attend(q, k, v, shape, scale as f32)))
@@ -235,7 +247,11 @@ pub fn attend_backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let w = s.width();
     assert_eq!(g.len(), q.len(), "attention backward: gradient size");
-    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; q.len()],
+        vec![0f32; k.len()],
+        vec![0f32; v.len()],
+    );
     let (dq_ptr, dk_ptr, dv_ptr) = (
         Shared(dq.as_mut_ptr()),
         Shared(dk.as_mut_ptr()),
@@ -356,7 +372,10 @@ mod tests {
             .zip(reference)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst <= 3e-5 * scale, "{what}: max error {worst} at scale {scale}");
+        assert!(
+            worst <= 3e-5 * scale,
+            "{what}: max error {worst} at scale {scale}"
+        );
     }
 
     /// `(b, n, heads·d)` → `(b, heads, n, d)`.
@@ -375,10 +394,14 @@ mod tests {
     #[test]
     fn matches_candle_attention_and_its_gradients() {
         // (batch, queries, keys, heads, head_dim)
-        for (seed, &(batch, queries, keys, heads, head_dim)) in
-            [(1, 37, 37, 2, 8), (2, 300, 77, 3, 5), (1, 2000, 130, 1, 4), (2, 1, 9, 4, 3)]
-                .iter()
-                .enumerate()
+        for (seed, &(batch, queries, keys, heads, head_dim)) in [
+            (1, 37, 37, 2, 8),
+            (2, 300, 77, 3, 5),
+            (1, 2000, 130, 1, 4),
+            (2, 1, 9, 4, 3),
+        ]
+        .iter()
+        .enumerate()
         {
             let what = format!("b{batch} n{queries} m{keys} h{heads} d{head_dim}");
             let seed = seed as u64 * 10;
@@ -396,7 +419,10 @@ mod tests {
                 head_dim,
             };
 
-            let vars: Vec<Var> = [&q, &k, &v].iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let vars: Vec<Var> = [&q, &k, &v]
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
             let (qh, kh, vh) = (
                 heads_of(vars[0].as_tensor(), heads),
                 heads_of(vars[1].as_tensor(), heads),
@@ -421,7 +447,12 @@ mod tests {
             let out = attend(&values(&q), &values(&k), &values(&v), shape, scale as f32);
             assert_close(&out, &values(&reference), &format!("{what}: output"));
 
-            let grads = (reference * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = (reference * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let (dq, dk, dv) = attend_backward(
                 &values(&q),
                 &values(&k),
@@ -430,7 +461,11 @@ mod tests {
                 shape,
                 scale as f32,
             );
-            for (name, ours, var) in [("dq", dq, &vars[0]), ("dk", dk, &vars[1]), ("dv", dv, &vars[2])] {
+            for (name, ours, var) in [
+                ("dq", dq, &vars[0]),
+                ("dk", dk, &vars[1]),
+                ("dv", dv, &vars[2]),
+            ] {
                 let reference = values(grads.get(var.as_tensor()).unwrap());
                 assert_close(&ours, &reference, &format!("{what}: {name}"));
             }

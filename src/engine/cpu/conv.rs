@@ -572,7 +572,10 @@ mod tests {
             .zip(reference)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst <= 2e-5 * scale, "{what}: max error {worst} at scale {scale}");
+        assert!(
+            worst <= 2e-5 * scale,
+            "{what}: max error {worst} at scale {scale}"
+        );
     }
 
     /// Forward, bias, offset and input gradient against candle's conv2d and its autograd, on
@@ -630,7 +633,11 @@ mod tests {
             // there the adjoint identity below is the check.
             if let Ok(grads) = (reference * &g).unwrap().sum_all().unwrap().backward() {
                 let dx_reference = grads.get(x_var.as_tensor()).unwrap();
-                assert_close(&dx, &values(dx_reference), &format!("{what}: input gradient"));
+                assert_close(
+                    &dx,
+                    &values(dx_reference),
+                    &format!("{what}: input gradient"),
+                );
             }
             // ⟨conv(x'), g⟩ = ⟨x', ∂⟩ for every x' when ∂ is the adjoint applied to g.
             for probe in 0..4 {

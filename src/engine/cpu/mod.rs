@@ -5,7 +5,8 @@
 //! [`crate::engine::grad_ops`] send f32 work on the CPU here instead:
 //! - [`conv`]: convolutions as matrix products over shifted views, weights packed at load time;
 //! - [`norm`]: group norm fused with the SiLU that follows it, forward and backward;
-//! - [`attention`]: attention a block of queries at a time, never holding all the scores.
+//! - [`attention`]: attention a block of queries at a time, never holding all the scores;
+//! - [`geglu`]: the feed-forward's gated GELU in one pass.
 //!
 //! The instruction set is found at run time ([`isa`]): AVX-512 where the CPU has it, AVX2 with FMA
 //! otherwise, plain Rust elsewhere (ARM included). `P2PZ_CPU` overrides it: `avx2` and `portable`
@@ -15,6 +16,7 @@
 pub mod allocator;
 pub mod attention;
 pub mod conv;
+pub mod geglu;
 pub mod norm;
 mod simd;
 
@@ -75,11 +77,9 @@ impl Isa {
             "portable" => Self::Portable,
             "avx2" => Self::Avx2,
             "avx512" => Self::Avx512,
-            other => {
-                return Err(format!(
-                    "P2PZ_CPU={other} is not a CPU path: use native, avx512, avx2, portable or candle"
-                ))
-            }
+            other => return Err(format!(
+                "P2PZ_CPU={other} is not a CPU path: use native, avx512, avx2, portable or candle"
+            )),
         };
         if wanted > detected {
             return Err(format!(
@@ -119,7 +119,10 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        candle_core::bail!("cpu kernel: expected an f32 tensor on the cpu, got {:?}", t.dtype())
+        candle_core::bail!(
+            "cpu kernel: expected an f32 tensor on the cpu, got {:?}",
+            t.dtype()
+        )
     };
     let (start, end) = layout
         .contiguous_offsets()
@@ -144,6 +147,9 @@ mod tests {
         let too_much = Isa::from_setting("avx512", Isa::Avx2).unwrap_err();
         assert!(too_much.contains("its best is avx2"), "{too_much}");
         let unknown = Isa::from_setting("sse9", Isa::Avx2).unwrap_err();
-        assert!(unknown.contains("native, avx512, avx2, portable or candle"), "{unknown}");
+        assert!(
+            unknown.contains("native, avx512, avx2, portable or candle"),
+            "{unknown}"
+        );
     }
 }

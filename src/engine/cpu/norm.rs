@@ -213,7 +213,10 @@ mod tests {
     }
 
     fn max_error(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
     }
 
     /// Forward and backward, with and without the SiLU, against candle-nn's group norm and
@@ -221,10 +224,14 @@ mod tests {
     #[test]
     fn matches_candle_group_norm_and_its_gradient() {
         // (n, c, h, w, groups)
-        for (seed, &(n, c, h, w, groups)) in
-            [(1, 8, 5, 7, 4), (2, 12, 3, 3, 3), (1, 32, 16, 16, 32), (2, 6, 1, 17, 2)]
-                .iter()
-                .enumerate()
+        for (seed, &(n, c, h, w, groups)) in [
+            (1, 8, 5, 7, 4),
+            (2, 12, 3, 3, 3),
+            (1, 32, 16, 16, 32),
+            (2, 6, 1, 17, 2),
+        ]
+        .iter()
+        .enumerate()
         {
             let seed = seed as u64 * 10;
             let x = ((random(&[n, c, h, w], seed) * 3.0).unwrap() + 1.5).unwrap();
@@ -252,12 +259,20 @@ mod tests {
                 let error = max_error(&y, &values(&reference));
                 assert!(error < 2e-5, "{what}: forward error {error}");
 
-                let grads = (reference * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads = (reference * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
                 let dx_reference = values(grads.get(x_var.as_tensor()).unwrap());
                 let dx = params.backward(&values(&x), &values(&g), shape);
                 let scale = dx_reference.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                 let error = max_error(&dx, &dx_reference);
-                assert!(error < 5e-5 * scale, "{what}: gradient error {error} at {scale}");
+                assert!(
+                    error < 5e-5 * scale,
+                    "{what}: gradient error {error} at {scale}"
+                );
             }
         }
     }

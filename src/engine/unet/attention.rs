@@ -236,8 +236,40 @@ impl FeedForward {
     }
 }
 
+impl FeedForward {
+    /// On the CPU: the GEGLU in one pass, and inside a graph one node that keeps only `x` (the
+    /// hidden rows, 8× as wide, are recomputed in the backward instead of kept).
+    fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, u) = self.hidden(&x.detach())?;
+        let y = self.proj_out.forward(&u)?;
+        let this = self.clone();
+        with_vjp("feed_forward", x, y, move |x, _, g| {
+            let (h, u) = this.hidden(&x.detach())?;
+            let d_u = this.proj_out.input_grad(g)?;
+            let inner = u.dim(D::Minus1)?;
+            let dh = cpu::with_f32(&h, |h| {
+                cpu::with_f32(&d_u, |d| cpu::geglu::backward(h, d, inner))
+            })??;
+            this.proj_in.input_grad(&cpu::tensor(dh, h.shape())?)
+        })
+    }
+
+    /// The hidden rows `[a, gate]` of `x` and their GEGLU.
+    fn hidden(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let h = self.proj_in.forward(x)?;
+        let inner = h.dim(D::Minus1)? / 2;
+        let mut dims = h.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = inner;
+        let u = cpu::with_f32(&h, |h| cpu::geglu::forward(h, inner))?;
+        Ok((h, cpu::tensor(u, dims)?))
+    }
+}
+
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if cpu::handles(x) {
+            return self.forward_cpu(x);
+        }
         let h = self.proj_in.forward(x)?;
         let half = h.dim(D::Minus1)? / 2;
         let (a, gate) = (

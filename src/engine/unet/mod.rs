@@ -337,8 +337,7 @@ impl UNet {
             }
         }
 
-        let h = self.conv_norm_out.forward_silu(&h)?;
-        self.conv_out.forward(&h)
+        self.conv_norm_out.then_conv(&self.conv_out, &h, None)
     }
 
     /// The dtype of the weights.

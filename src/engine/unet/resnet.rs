@@ -75,10 +75,8 @@ impl ResnetBlock {
             (None, None) => None,
             _ => candle_core::bail!("resnet block: a timestep embedding is needed exactly when the block has time_emb_proj"),
         };
-        let h = self
-            .conv1
-            .forward_with_offset(&self.norm1.forward_silu(x)?, t.as_ref())?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let h = self.norm1.then_conv(&self.conv1, x, t.as_ref())?;
+        let h = self.norm2.then_conv(&self.conv2, &h, None)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -108,8 +108,8 @@ impl Encoder {
         for block in &self.down {
             h = block.forward(&h)?;
         }
-        let h = self.norm_out.forward_silu(&self.mid.forward(&h)?)?;
-        self.conv_out.forward(&h)
+        self.norm_out
+            .then_conv(&self.conv_out, &self.mid.forward(&h)?, None)
     }
 }
 
@@ -156,8 +156,7 @@ impl Decoder {
         for block in &self.up {
             h = block.forward(&h)?;
         }
-        let h = self.norm_out.forward_silu(&h)?;
-        self.conv_out.forward(&h)
+        self.norm_out.then_conv(&self.conv_out, &h, None)
     }
 }
 
