@@ -12,4 +12,7 @@ target/release/p2pz bench --sizes 256,512 --repeats 1 --cases "$cases,guidance_b
 echo "== diffusers (torch) =="
 "$python" bench/bench_diffusers.py --sizes 256,512 --repeats 1 --cases "$cases" --json bench/results/diffusers.json
 echo "== p2pz editor =="
-target/release/p2pz bench --editor --sizes 256 --editor-steps 3
+target/release/p2pz bench --editor --sizes 256 --editor-steps 3 | tee bench/results/editor.txt
+echo "== diffusers editor =="
+"$python" bench/edit_diffusers.py --size 256 --steps 3 --json bench/results/edit_diffusers.json
+"$python" bench/table.py

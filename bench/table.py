@@ -13,10 +13,14 @@ names = {
     "vae_encode": "VAE encode",
     "vae_decode": "VAE decode",
 }
-print("| case | image | p2pz s | p2pz peak MB | diffusers s | diffusers peak MB |")
-print("|---|---|---|---|---|---|")
+print("| case | image | p2pz s | diffusers s | ratio | p2pz peak MB | diffusers peak MB |")
+print("|---|---|---|---|---|---|---|")
 for (case, size), r in sorted(ours.items(), key=lambda kv: (kv[0][1], list(names).index(kv[0][0]))):
     t = theirs.get((case, size))
-    mine = f"{sorted(r['seconds'])[len(r['seconds']) // 2]:.1f} | {r['peak_rss_mb']:.0f}"
-    other = f"{t['median_s']:.1f} | {t['peak_rss_mb']:.0f}" if t else "– | –"
-    print(f"| {names[case]} | {size}² | {mine} | {other} |")
+    mine = sorted(r["seconds"])[len(r["seconds"]) // 2]
+    if t:
+        other = f"{t['median_s']:.2f} | {mine / t['median_s']:.2f}"
+        other_mb = f"{t['peak_rss_mb']:.0f}"
+    else:
+        other, other_mb = "– | –", "–"
+    print(f"| {names[case]} | {size}² | {mine:.2f} | {other} | {r['peak_rss_mb']:.0f} | {other_mb} |")

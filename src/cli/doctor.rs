@@ -78,7 +78,12 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         candle_core::utils::get_num_threads(),
         cpu_features().join(" ")
     );
-    println!("matrix kernels on the CPU: {}", cpu_kernels());
+    println!(
+        "CPU kernels: {} for matrix products, {} for the rest (P2PZ_CPU=avx2, portable or \
+         candle picks a narrower path)",
+        cpu_kernels(),
+        pix2pix_zero::engine::cpu::isa().name()
+    );
     println!("devices: {}", devices().join(", "));
     let device = args.device.open()?;
     let reference = match &args.reference {
@@ -389,7 +394,7 @@ fn cpu_kernels() -> &'static str {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                "AVX2 + FMA (AVX-512 is present; this build's GEMM does not use it)"
+                "AVX-512"
             } else {
                 "AVX2 + FMA"
             }

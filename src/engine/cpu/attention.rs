@@ -48,9 +48,10 @@ impl AttentionShape {
         self.heads * self.head_dim
     }
 
-    /// Queries per block: a block's scores fill about a megabyte.
+    /// Queries per block: a block's scores fill about four megabytes (fewer, larger blocks pack
+    /// the keys and values fewer times).
     fn block(&self) -> usize {
-        (262_144 / self.keys.max(1))
+        (1_048_576 / self.keys.max(1))
             .clamp(16, 1024)
             .min(self.queries.max(1))
     }
@@ -105,19 +106,45 @@ unsafe fn product(
 }
 
 dispatch! {
-    /// Each row of `scores` (already scaled) becomes its softmax.
-    fn softmax_rows(scores: &mut [f32], row: usize) {
-        for r in scores.chunks_mut(row) {
+    /// Each row of `scores` (already scaled) becomes `exp(s − max)`, and its `1/Σ` goes to
+    /// `inverse_sums`, so that the caller normalises whichever is smaller: the probabilities,
+    /// or the output rows they are multiplied into.
+    fn exp_rows(scores: &mut [f32], row: usize, inverse_sums: &mut [f32]) {
+        for (r, inv) in scores.chunks_mut(row).zip(inverse_sums.iter_mut()) {
             let max = simd::max(r);
-            for v in r.iter_mut() {
-                *v = simd::exp(*v - max);
+            let mut lanes = [0f32; simd::LANES];
+            let mut chunks = r.chunks_exact_mut(simd::LANES);
+            for chunk in &mut chunks {
+                for (v, l) in chunk.iter_mut().zip(lanes.iter_mut()) {
+                    *v = simd::exp(*v - max);
+                    *l += *v;
+                }
             }
-            let inv = (1.0 / simd::sum(r)) as f32;
-            for v in r.iter_mut() {
-                *v *= inv;
+            let mut total: f32 = 0.0;
+            for v in chunks.into_remainder() {
+                *v = simd::exp(*v - max);
+                total += *v;
+            }
+            *inv = 1.0 / (total + lanes.iter().sum::<f32>());
+        }
+    }
+}
+
+dispatch! {
+    /// Multiplies each row of `rows` by its factor.
+    fn scale_rows(rows: &mut [f32], row: usize, factors: &[f32]) {
+        for (r, f) in rows.chunks_mut(row).zip(factors) {
+            for v in r {
+                *v *= f;
             }
         }
     }
+}
+
+/// Each row of `scores` (already scaled) becomes its softmax.
+fn softmax_rows(scores: &mut [f32], row: usize, inverse_sums: &mut [f32]) {
+    exp_rows(scores, row, inverse_sums);
+    scale_rows(scores, row, inverse_sums);
 }
 
 dispatch! {
@@ -166,8 +193,8 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
     (0..s.batch * s.heads * blocks)
         .into_par_iter()
         .for_each_init(
-            || vec![0f32; block * s.keys],
-            |scores, task| {
+            || (vec![0f32; block * s.keys], vec![0f32; block]),
+            |(scores, inverse_sums), task| {
                 let (image, head, b) = (
                     task / (s.heads * blocks),
                     (task / blocks) % s.heads,
@@ -200,9 +227,11 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
                         transposed(k[kv_at..].as_ptr()),
                         scale,
                     );
-                    softmax_rows(scores, s.keys);
+                    let inverse_sums = &mut inverse_sums[..rows];
+                    exp_rows(scores, s.keys, inverse_sums);
+                    let out_rows = out_ptr.get().add(q_at);
                     product(
-                        out_ptr.get().add(q_at),
+                        out_rows,
                         w,
                         false,
                         (rows, s.head_dim, s.keys),
@@ -214,6 +243,16 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
                         row(v[kv_at..].as_ptr()),
                         1.0,
                     );
+                    // The softmax's normalisation, on the `rows × d` output instead of the
+                    // `rows × keys` probabilities.
+                    // Other tasks write other heads' columns of these rows, so no slice
+                    // over the rows is formed: each element is reached through the pointer.
+                    for (i, f) in inverse_sums.iter().enumerate() {
+                        let start = out_rows.add(i * w);
+                        for j in 0..s.head_dim {
+                            *start.add(j) *= f;
+                        }
+                    }
                 }
             },
         );
@@ -262,6 +301,7 @@ pub fn attend_backward(
         let (image, head) = (task / s.heads, task % s.heads);
         let mut p = vec![0f32; block * s.keys];
         let mut dp = vec![0f32; block * s.keys];
+        let mut inverse_sums = vec![0f32; block];
         let kv_at = head_offset(&s, image, s.keys, head);
         let row = |ptr: *const f32| View {
             ptr,
@@ -300,7 +340,7 @@ pub fn attend_backward(
                     transposed(k[kv_at..].as_ptr()),
                     scale,
                 );
-                softmax_rows(p, s.keys);
+                softmax_rows(p, s.keys, &mut inverse_sums[..rows]);
                 // ∂v += pᵀ·g
                 product(
                     dv_base.add(kv_at),

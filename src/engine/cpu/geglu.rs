@@ -108,7 +108,10 @@ mod tests {
             .fold(0f64, f64::max);
         assert!(worst < 6e-7, "{worst}");
         for x in [3.5f32, 5.0, 9.0, 40.0] {
-            assert!((erf(x) - 1.0).abs() < 1e-6 && (erf(-x) + 1.0).abs() < 1e-6, "{x}");
+            assert!(
+                (erf(x) - 1.0).abs() < 1e-6 && (erf(-x) + 1.0).abs() < 1e-6,
+                "{x}"
+            );
         }
     }
 

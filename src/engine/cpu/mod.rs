@@ -77,9 +77,11 @@ impl Isa {
             "portable" => Self::Portable,
             "avx2" => Self::Avx2,
             "avx512" => Self::Avx512,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "P2PZ_CPU={other} is not a CPU path: use native, avx512, avx2, portable or candle"
-            )),
+            ))
+            }
         };
         if wanted > detected {
             return Err(format!(

@@ -111,9 +111,13 @@ pub fn exp(x: f32) -> f32 {
     // ln 2 split in two (Cody and Waite) so that `k·LN2_HI` is exact.
     const LN2_HI: f32 = 355.0 / 512.0;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2²³ rounds to an integer held in the low mantissa bits: `k` as a float and as
+    // an integer without a float-to-int conversion (Rust's saturating `as` doesn't vectorize).
+    const ROUNDER: f32 = 12_582_912.0;
     let below = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2_E + 0.5).floor();
+    let shifted = x * LOG2_E + ROUNDER;
+    let k = shifted - ROUNDER;
     let r = (x - k * LN2_HI) - k * LN2_LO;
     // Taylor to r⁷ on |r| ≤ ln2/2: truncation below 1e-8.
     let p = 1.0
@@ -122,7 +126,8 @@ pub fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits((((k as i32) + 127) as u32) << 23);
+    let k_int = shifted.to_bits().wrapping_sub(ROUNDER.to_bits());
+    let scale = f32::from_bits(k_int.wrapping_add(127) << 23);
     if below {
         0.0
     } else {

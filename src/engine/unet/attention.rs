@@ -219,6 +219,22 @@ impl Attention {
     }
 }
 
+/// Tokens the CPU feed-forward takes at a time.
+const FF_TOKENS: usize = 256;
+
+/// `f` of `x` (`(b, n, c)`) computed [`FF_TOKENS`] tokens at a time.
+fn by_token_blocks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let n = x.dim(1)?;
+    if n <= FF_TOKENS {
+        return f(x);
+    }
+    let blocks = (0..n)
+        .step_by(FF_TOKENS)
+        .map(|start| f(&x.narrow(1, start, FF_TOKENS.min(n - start))?))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&blocks, 1)
+}
+
 /// GEGLU feed-forward: `Linear(d → 2·4d)`, `a·gelu(b)`, `Linear(4d → d)`.
 #[derive(Debug, Clone)]
 struct FeedForward {
@@ -238,19 +254,26 @@ impl FeedForward {
 
 impl FeedForward {
     /// On the CPU: the GEGLU in one pass, and inside a graph one node that keeps only `x` (the
-    /// hidden rows, 8× as wide, are recomputed in the backward instead of kept).
+    /// hidden rows, 8× as wide, are recomputed in the backward instead of kept). Both run
+    /// [`FF_TOKENS`] tokens at a time, so the hidden rows fit in a few megabytes that the
+    /// allocator hands back for the next block.
     fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, u) = self.hidden(&x.detach())?;
-        let y = self.proj_out.forward(&u)?;
+        let y = by_token_blocks(&x.detach(), |x| self.proj_out.forward(&self.hidden(x)?.1))?;
         let this = self.clone();
         with_vjp("feed_forward", x, y, move |x, _, g| {
-            let (h, u) = this.hidden(&x.detach())?;
-            let d_u = this.proj_out.input_grad(g)?;
-            let inner = u.dim(D::Minus1)?;
-            let dh = cpu::with_f32(&h, |h| {
-                cpu::with_f32(&d_u, |d| cpu::geglu::backward(h, d, inner))
-            })??;
-            this.proj_in.input_grad(&cpu::tensor(dh, h.shape())?)
+            let n = x.dim(1)?;
+            let mut dx = Vec::with_capacity(n.div_ceil(FF_TOKENS));
+            for start in (0..n).step_by(FF_TOKENS) {
+                let len = FF_TOKENS.min(n - start);
+                let (h, u) = this.hidden(&x.detach().narrow(1, start, len)?)?;
+                let d_u = this.proj_out.input_grad(&g.narrow(1, start, len)?)?;
+                let inner = u.dim(D::Minus1)?;
+                let dh = cpu::with_f32(&h, |h| {
+                    cpu::with_f32(&d_u, |d| cpu::geglu::backward(h, d, inner))
+                })??;
+                dx.push(this.proj_in.input_grad(&cpu::tensor(dh, h.shape())?)?);
+            }
+            Tensor::cat(&dx, 1)
         })
     }
 
