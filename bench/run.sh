@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs our benchmark and diffusers' one after the other on this machine, so the numbers compare.
-# Usage: bench/run.sh [PYTHON]   (PYTHON: a Python with tests/fixtures/requirements.txt installed)
+# Usage: bench/run.sh [PYTHON]   (PYTHON: a Python with tests/fixtures/requirements.txt installed;
+# the text-to-image comparison writes a 4.3 GB random model folder to target/sd15-random once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python3}
@@ -15,4 +16,14 @@ echo "== p2pz editor =="
 target/release/p2pz bench --editor --sizes 256 --editor-steps 3 | tee bench/results/editor.txt
 echo "== diffusers editor =="
 "$python" bench/edit_diffusers.py --size 256 --steps 3 --json bench/results/edit_diffusers.json
+echo "== text-to-image, end to end, on a full-size random model folder =="
+model=target/sd15-random
+[ -d "$model" ] || "$python" bench/make_random_model.py "$model"
+rm -f target/bench-generate.png target/bench-generate.json
+start=$(date +%s.%N)
+target/release/p2pz generate --model "$model" --prompt "a photo of a cat" --width 256 --height 256 \
+    --steps 3 --out target/bench-generate.png 2>/dev/null
+echo "p2pz text-to-image 256x256, 3 steps: total $(awk "BEGIN { printf \"%.2f\", $(date +%s.%N) - $start }") s" \
+    | tee bench/results/generate.txt
+"$python" bench/generate_diffusers.py "$model" --size 256 --steps 3 | tee -a bench/results/generate.txt
 "$python" bench/table.py

@@ -88,6 +88,20 @@ impl SafetensorsFile {
                 path: name.to_string(),
             })?;
         let (start, end) = entry.data_offsets;
+        if entry.dtype == Dtype::F32 && cfg!(target_endian = "little") {
+            // Straight into the tensor's own buffer: one copy, and one set of fresh pages.
+            let count = entry.shape.iter().product::<usize>();
+            if count * 4 != (end - start) as usize {
+                candle_core::bail!("`{name}` in `{}`: its size does not fit its shape", self.path.display())
+            }
+            let mut values = vec![0f32; count];
+            // SAFETY: any bytes are a valid f32, and the byte view covers exactly `values`.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), count * 4)
+            };
+            read_at(&self.file, bytes, self.data_start + start)?;
+            return Tensor::from_vec(values, entry.shape.clone(), &Device::Cpu);
+        }
         let mut bytes = vec![0u8; (end - start) as usize];
         read_at(&self.file, &mut bytes, self.data_start + start)?;
         let view = TensorView::new(entry.dtype, entry.shape.clone(), &bytes).map_err(|e| {
