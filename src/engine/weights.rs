@@ -92,7 +92,10 @@ impl SafetensorsFile {
             // Straight into the tensor's own buffer: one copy, and one set of fresh pages.
             let count = entry.shape.iter().product::<usize>();
             if count * 4 != (end - start) as usize {
-                candle_core::bail!("`{name}` in `{}`: its size does not fit its shape", self.path.display())
+                candle_core::bail!(
+                    "`{name}` in `{}`: its size does not fit its shape",
+                    self.path.display()
+                )
             }
             let mut values = vec![0f32; count];
             // SAFETY: any bytes are a valid f32, and the byte view covers exactly `values`.

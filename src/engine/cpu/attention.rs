@@ -390,33 +390,10 @@ pub fn attend_backward(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, Var, D};
+    use candle_core::{Var, D};
 
     use super::*;
-    use crate::engine::rng::Rng;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        Rng::new(seed)
-            .randn(shape, DType::F32, &Device::Cpu)
-            .unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
-        let scale = reference.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        let worst = ours
-            .iter()
-            .zip(reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= 3e-5 * scale,
-            "{what}: max error {worst} at scale {scale}"
-        );
-    }
+    use crate::engine::cpu::test_support::{assert_close, random, values};
 
     /// `(b, n, heads·d)` → `(b, heads, n, d)`.
     fn heads_of(t: &Tensor, heads: usize) -> Tensor {
@@ -485,7 +462,7 @@ mod tests {
                 .reshape((batch, queries, width))
                 .unwrap();
             let out = attend(&values(&q), &values(&k), &values(&v), shape, scale as f32);
-            assert_close(&out, &values(&reference), &format!("{what}: output"));
+            assert_close(&out, &values(&reference), 3e-5, &format!("{what}: output"));
 
             let grads = (reference * &g)
                 .unwrap()
@@ -507,7 +484,7 @@ mod tests {
                 ("dv", dv, &vars[2]),
             ] {
                 let reference = values(grads.get(var.as_tensor()).unwrap());
-                assert_close(&ours, &reference, &format!("{what}: {name}"));
+                assert_close(&ours, &reference, 3e-5, &format!("{what}: {name}"));
             }
         }
     }

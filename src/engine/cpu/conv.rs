@@ -549,34 +549,10 @@ fn scatter_phase(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, Var};
+    use candle_core::Var;
 
     use super::*;
-    use crate::engine::rng::Rng;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        Rng::new(seed)
-            .randn(shape, DType::F32, &Device::Cpu)
-            .unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    fn assert_close(ours: &[f32], reference: &[f32], what: &str) {
-        assert_eq!(ours.len(), reference.len(), "{what}: length");
-        let scale = reference.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        let worst = ours
-            .iter()
-            .zip(reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= 2e-5 * scale,
-            "{what}: max error {worst} at scale {scale}"
-        );
-    }
+    use crate::engine::cpu::test_support::{assert_close, random, values};
 
     /// Forward, bias, offset and input gradient against candle's conv2d and its autograd, on
     /// odd sizes, both strides, both kernels and several paddings.
@@ -624,7 +600,7 @@ mod tests {
                 &[out.n, out.c, out.h, out.w],
                 "{what}: shape"
             );
-            assert_close(&y, &values(&reference), &format!("{what}: forward"));
+            assert_close(&y, &values(&reference), 2e-5, &format!("{what}: forward"));
 
             let g = random(reference.dims(), seed + 4);
             let dx = packed.input_grad(&values(&g), shape);
@@ -636,6 +612,7 @@ mod tests {
                 assert_close(
                     &dx,
                     &values(dx_reference),
+                    2e-5,
                     &format!("{what}: input gradient"),
                 );
             }

@@ -89,14 +89,10 @@ pub fn backward(h: &[f32], g: &[f32], inner: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, Var, D};
+    use candle_core::{Var, D};
 
     use super::*;
-    use crate::engine::rng::Rng;
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
+    use crate::engine::cpu::test_support::{max_error, random, values};
 
     #[test]
     fn erf_is_close_to_the_library_one() {
@@ -131,14 +127,8 @@ mod tests {
     #[test]
     fn matches_candle_geglu_and_its_gradient() {
         let (rows, inner) = (150, 24);
-        let h = (Rng::new(7)
-            .randn(&[rows, 2 * inner], DType::F32, &Device::Cpu)
-            .unwrap()
-            * 2.0)
-            .unwrap();
-        let g = Rng::new(8)
-            .randn(&[rows, inner], DType::F32, &Device::Cpu)
-            .unwrap();
+        let h = (random(&[rows, 2 * inner], 7) * 2.0).unwrap();
+        let g = random(&[rows, inner], 8);
         let h_var = Var::from_tensor(&h).unwrap();
         let (a, gate) = (
             h_var.as_tensor().narrow(D::Minus1, 0, inner).unwrap(),
@@ -146,11 +136,7 @@ mod tests {
         );
         let reference = (a * gate.gelu_erf().unwrap()).unwrap();
         let out = forward(&values(&h), inner);
-        let error = out
-            .iter()
-            .zip(values(&reference))
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let error = max_error(&out, &values(&reference));
         assert!(error < 1e-5, "forward error {error}");
         let grads = (reference * &g)
             .unwrap()
@@ -160,11 +146,7 @@ mod tests {
             .unwrap();
         let dh_reference = values(grads.get(h_var.as_tensor()).unwrap());
         let dh = backward(&values(&h), &values(&g), inner);
-        let error = dh
-            .iter()
-            .zip(&dh_reference)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let error = max_error(&dh, &dh_reference);
         assert!(error < 2e-5, "gradient error {error}");
     }
 }

@@ -19,6 +19,8 @@ pub mod conv;
 pub mod geglu;
 pub mod norm;
 mod simd;
+#[cfg(test)]
+mod test_support;
 
 use std::sync::OnceLock;
 

@@ -197,27 +197,10 @@ impl GroupNormParams {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Module, Tensor, Var};
+    use candle_core::{Module, Var};
 
     use super::*;
-    use crate::engine::rng::Rng;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        Rng::new(seed)
-            .randn(shape, DType::F32, &Device::Cpu)
-            .unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    fn max_error(a: &[f32], b: &[f32]) -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    }
+    use crate::engine::cpu::test_support::{max_error, random, values};
 
     /// Forward and backward, with and without the SiLU, against candle-nn's group norm and
     /// candle's autograd, on odd plane sizes and an offset, scaled input.
