@@ -6,11 +6,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::attention::reduce_step;
 use super::export::{export, LastEdit};
@@ -57,7 +57,7 @@ pub(super) fn run(
     cancel: Arc<Mutex<Arc<AtomicBool>>>,
 ) {
     let mut state = State::new(config);
-    while let Ok(mut command) = commands.recv() {
+    while let Some(mut command) = next_command(&commands) {
         // Of several queued edits (a slider being scrubbed) only the newest matters.
         while matches!(command, Command::Edit(_)) {
             match commands.try_recv() {
@@ -77,10 +77,23 @@ pub(super) fn run(
             break;
         }
         state.handle_safely(command, &outbox, &cancel);
-        if commands.is_empty() {
-            // Idle until the next command: what the last one freed goes back to the system.
+    }
+}
+
+/// How long the worker waits idle before it gives freed memory back: long enough that the
+/// re-edits of a slider being dragged reuse it instead of faulting it in again.
+const IDLE_BEFORE_RELEASE: Duration = Duration::from_secs(20);
+
+/// The next command, or `None` when the app has gone; after [`IDLE_BEFORE_RELEASE`] without
+/// one, what the last commands freed goes back to the system first.
+fn next_command(commands: &Receiver<Command>) -> Option<Command> {
+    match commands.recv_timeout(IDLE_BEFORE_RELEASE) {
+        Ok(command) => Some(command),
+        Err(RecvTimeoutError::Timeout) => {
             engine::cpu::allocator::release_freed_memory();
+            commands.recv().ok()
         }
+        Err(RecvTimeoutError::Disconnected) => None,
     }
 }
 

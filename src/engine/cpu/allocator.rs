@@ -4,8 +4,8 @@
 //! freed memory back after 10 ms, nearly every large buffer of a UNet call is a fresh mapping
 //! that the kernel zeroes page by page: a third of a guidance step went to `clear_page_erms`.
 //! [`keep_freed_memory`] makes mimalloc keep what it has for reuse while work runs, and
-//! [`release_freed_memory`] gives it all back once the work is done, so an idle editor does not
-//! sit on its peak.
+//! [`release_freed_memory`] gives it all back once the work is done (the editor's worker calls it
+//! after a while without commands), so an idle editor does not sit on its peak.
 //!
 //! Both act on mimalloc, which the `p2pz` binary installs as its global allocator; in a program
 //! that doesn't, they only tune mimalloc's own (unused) heaps.
