@@ -13,6 +13,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
+use super::matmul::{product, Matrix};
 use super::simd::{self, dispatch};
 use super::{tensor, with_f32};
 
@@ -54,54 +55,6 @@ impl AttentionShape {
         (1_048_576 / self.keys.max(1))
             .clamp(16, 1024)
             .min(self.queries.max(1))
-    }
-}
-
-/// A row-major `(rows, cols)` view into one head of a `(tokens, heads·d)` matrix.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-/// `dst (m×n) (+)= α·a (m×k) · b (k×n)` on the calling thread.
-///
-/// # Safety
-/// The views must be valid for their extents and `dst` must not overlap them.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    (m, n, k): (usize, usize, usize),
-    a: View,
-    b: View,
-    alpha: f32,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.ptr,
-            a.col_stride,
-            a.row_stride,
-            b.ptr,
-            b.col_stride,
-            b.row_stride,
-            1.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }
 
@@ -204,16 +157,6 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
                 let rows = block.min(s.queries - start);
                 let q_at = head_offset(&s, image, s.queries, head) + start * w;
                 let kv_at = head_offset(&s, image, s.keys, head);
-                let row = |ptr: *const f32| View {
-                    ptr,
-                    row_stride: w as isize,
-                    col_stride: 1,
-                };
-                let transposed = |ptr: *const f32| View {
-                    ptr,
-                    row_stride: 1,
-                    col_stride: w as isize,
-                };
                 let scores = &mut scores[..rows * s.keys];
                 // SAFETY: the views stay inside `q`, `k`, `v` (rows·w from their offsets); the
                 // output rows `start..start + rows` of this head are written by this task only.
@@ -223,9 +166,10 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
                         s.keys,
                         false,
                         (rows, s.keys, s.head_dim),
-                        row(q[q_at..].as_ptr()),
-                        transposed(k[kv_at..].as_ptr()),
+                        Matrix::rows(q[q_at..].as_ptr(), w),
+                        Matrix::transposed(k[kv_at..].as_ptr(), w),
                         scale,
+                        1,
                     );
                     let inverse_sums = &mut inverse_sums[..rows];
                     exp_rows(scores, s.keys, inverse_sums);
@@ -235,13 +179,10 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
                         w,
                         false,
                         (rows, s.head_dim, s.keys),
-                        View {
-                            ptr: scores.as_ptr(),
-                            row_stride: s.keys as isize,
-                            col_stride: 1,
-                        },
-                        row(v[kv_at..].as_ptr()),
+                        Matrix::rows(scores.as_ptr(), s.keys),
+                        Matrix::rows(v[kv_at..].as_ptr(), w),
                         1.0,
+                        1,
                     );
                     // The softmax's normalisation, on the `rows × d` output instead of the
                     // `rows × keys` probabilities.
@@ -303,26 +244,6 @@ pub fn attend_backward(
         let mut dp = vec![0f32; block * s.keys];
         let mut inverse_sums = vec![0f32; block];
         let kv_at = head_offset(&s, image, s.keys, head);
-        let row = |ptr: *const f32| View {
-            ptr,
-            row_stride: w as isize,
-            col_stride: 1,
-        };
-        let transposed = |ptr: *const f32| View {
-            ptr,
-            row_stride: 1,
-            col_stride: w as isize,
-        };
-        let dense = |ptr: *const f32, cols: usize| View {
-            ptr,
-            row_stride: cols as isize,
-            col_stride: 1,
-        };
-        let dense_t = |ptr: *const f32, cols: usize| View {
-            ptr,
-            row_stride: 1,
-            col_stride: cols as isize,
-        };
         for (b, start) in (0..s.queries).step_by(block).enumerate() {
             let rows = block.min(s.queries - start);
             let q_at = head_offset(&s, image, s.queries, head) + start * w;
@@ -336,9 +257,10 @@ pub fn attend_backward(
                     s.keys,
                     false,
                     (rows, s.keys, s.head_dim),
-                    row(q[q_at..].as_ptr()),
-                    transposed(k[kv_at..].as_ptr()),
+                    Matrix::rows(q[q_at..].as_ptr(), w),
+                    Matrix::transposed(k[kv_at..].as_ptr(), w),
                     scale,
+                    1,
                 );
                 softmax_rows(p, s.keys, &mut inverse_sums[..rows]);
                 // ∂v += pᵀ·g
@@ -347,9 +269,10 @@ pub fn attend_backward(
                     w,
                     b > 0,
                     (s.keys, s.head_dim, rows),
-                    dense_t(p.as_ptr(), s.keys),
-                    row(g[q_at..].as_ptr()),
+                    Matrix::transposed(p.as_ptr(), s.keys),
+                    Matrix::rows(g[q_at..].as_ptr(), w),
                     1.0,
+                    1,
                 );
                 // ∂p = g·vᵀ, then ∂s in place.
                 product(
@@ -357,9 +280,10 @@ pub fn attend_backward(
                     s.keys,
                     false,
                     (rows, s.keys, s.head_dim),
-                    row(g[q_at..].as_ptr()),
-                    transposed(v[kv_at..].as_ptr()),
+                    Matrix::rows(g[q_at..].as_ptr(), w),
+                    Matrix::transposed(v[kv_at..].as_ptr(), w),
                     1.0,
+                    1,
                 );
                 softmax_grad_rows(dp, p, s.keys, scale);
                 // ∂q = ∂s·k
@@ -368,9 +292,10 @@ pub fn attend_backward(
                     w,
                     false,
                     (rows, s.head_dim, s.keys),
-                    dense(dp.as_ptr(), s.keys),
-                    row(k[kv_at..].as_ptr()),
+                    Matrix::rows(dp.as_ptr(), s.keys),
+                    Matrix::rows(k[kv_at..].as_ptr(), w),
                     1.0,
+                    1,
                 );
                 // ∂k += ∂sᵀ·q
                 product(
@@ -378,9 +303,10 @@ pub fn attend_backward(
                     w,
                     b > 0,
                     (s.keys, s.head_dim, rows),
-                    dense_t(dp.as_ptr(), s.keys),
-                    row(q[q_at..].as_ptr()),
+                    Matrix::transposed(dp.as_ptr(), s.keys),
+                    Matrix::rows(q[q_at..].as_ptr(), w),
                     1.0,
+                    1,
                 );
             }
         }

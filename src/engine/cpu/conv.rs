@@ -18,6 +18,8 @@
 
 use rayon::prelude::*;
 
+use super::matmul::{product, Matrix};
+
 /// A square convolution's geometry and its weights, packed tap by tap.
 #[derive(Debug, Clone)]
 pub struct PackedConv {
@@ -62,60 +64,6 @@ impl Nchw {
     /// Whether the tensor holds no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// One `(rows, cols)` matrix operand: where it starts and its row and column strides.
-#[derive(Debug, Clone, Copy)]
-struct Operand {
-    ptr: *const f32,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-/// `dst (m×n, row stride dst_rs) (+)= lhs (m×k) · rhs (k×n)`, threaded like candle's matmul.
-///
-/// # Safety
-/// Every operand must be valid for its extent: `lhs` for `m×k`, `rhs` for `k×n` and `dst` for
-/// `m×n` elements at the given strides, and `dst` must not overlap the others.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_into(
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    (m, n, k): (usize, usize, usize),
-    lhs: Operand,
-    rhs: Operand,
-    threads: usize,
-) {
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.col_stride,
-            lhs.row_stride,
-            rhs.ptr,
-            rhs.col_stride,
-            rhs.row_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
     }
 }
 
@@ -185,16 +133,12 @@ impl Phases {
     }
 
     /// The `(channels, ·)` matrix of phase `(a, b)` shifted by `(dy, dx)` phase pixels.
-    fn shifted(&self, (a, b): (usize, usize), (dy, dx): (usize, usize)) -> Operand {
+    fn shifted(&self, (a, b): (usize, usize), (dy, dx): (usize, usize)) -> Matrix {
         let phase = a * self.stride + b;
         let offset = phase * self.channels * self.plane + dy * self.width + dx;
-        Operand {
-            // SAFETY of later reads: callers keep `offset + (channels−1)·plane + n` in bounds
-            // by sizing the planes with a spare row.
-            ptr: self.data[offset..].as_ptr(),
-            row_stride: self.plane as isize,
-            col_stride: 1,
-        }
+        // Callers keep `offset + (channels−1)·plane + n` in bounds by sizing the planes with a
+        // spare row.
+        Matrix::rows(self.data[offset..].as_ptr(), self.plane)
     }
 }
 
@@ -302,22 +246,19 @@ impl PackedConv {
             for tap in 0..k * k {
                 let (kh, kw) = (tap / k, tap % k);
                 let rhs = phases.shifted((kh % s, kw % s), (kh / s, kw / s));
-                let lhs = Operand {
-                    ptr: self.tap(tap).as_ptr(),
-                    row_stride: self.c_in as isize,
-                    col_stride: 1,
-                };
+                let lhs = Matrix::rows(self.tap(tap).as_ptr(), self.c_in);
                 // SAFETY: `wide_out` is `c_out × wide`; the tap is `c_out × c_in`; the shifted
                 // view reads `c_in` rows of `wide` elements, the furthest ending at
                 // `(reach·width + reach) + wide ≤ rows·width` inside its plane.
                 unsafe {
-                    matmul_into(
+                    product(
                         wide_out.as_mut_ptr(),
                         wide,
                         tap > 0,
                         (self.c_out, wide, self.c_in),
                         lhs,
                         rhs,
+                        1.0,
                         threads,
                     )
                 }
@@ -380,21 +321,18 @@ impl PackedConv {
                         let (qh, qw) = ((tap / k) / s, (tap % k) / s);
                         let rhs = padded_g.shifted((0, 0), (reach - qh, reach - qw));
                         // Wᵀ of this tap: `(c_in, c_out)` read column-major from `(c_out, c_in)`.
-                        let lhs = Operand {
-                            ptr: self.tap(tap).as_ptr(),
-                            row_stride: 1,
-                            col_stride: self.c_in as isize,
-                        };
+                        let lhs = Matrix::transposed(self.tap(tap).as_ptr(), self.c_in);
                         // SAFETY: `wide_out` is `c_in × wide`; the view reads `c_out` rows of
                         // `wide` elements from offsets up to `reach·(width + 1)`, within `rows`.
                         unsafe {
-                            matmul_into(
+                            product(
                                 wide_out.as_mut_ptr(),
                                 wide,
                                 n > 0,
                                 (self.c_in, wide, self.c_out),
                                 lhs,
                                 rhs,
+                                1.0,
                                 threads,
                             )
                         }
@@ -447,26 +385,19 @@ impl PackedConv {
                     });
             }
             let (lhs, rhs) = (
-                Operand {
-                    ptr: self.taps.as_ptr(),
-                    row_stride: self.c_in as isize,
-                    col_stride: 1,
-                },
-                Operand {
-                    ptr: src.as_ptr(),
-                    row_stride: pixels as isize,
-                    col_stride: 1,
-                },
+                Matrix::rows(self.taps.as_ptr(), self.c_in),
+                Matrix::rows(src.as_ptr(), pixels),
             );
             // SAFETY: `dst` is `c_out × pixels`, `lhs` `c_out × c_in`, `rhs` `c_in × pixels`.
             unsafe {
-                matmul_into(
+                product(
                     dst.as_mut_ptr(),
                     pixels,
                     has_offset,
                     (self.c_out, pixels, self.c_in),
                     lhs,
                     rhs,
+                    1.0,
                     threads,
                 )
             }
@@ -482,26 +413,19 @@ impl PackedConv {
             .zip(g.chunks(self.c_out * pixels))
         {
             let (lhs, rhs) = (
-                Operand {
-                    ptr: self.taps.as_ptr(),
-                    row_stride: 1,
-                    col_stride: self.c_in as isize,
-                },
-                Operand {
-                    ptr: src.as_ptr(),
-                    row_stride: pixels as isize,
-                    col_stride: 1,
-                },
+                Matrix::transposed(self.taps.as_ptr(), self.c_in),
+                Matrix::rows(src.as_ptr(), pixels),
             );
             // SAFETY: `dst` is `c_in × pixels`, `lhs` (Wᵀ) `c_in × c_out`, `rhs` `c_out × pixels`.
             unsafe {
-                matmul_into(
+                product(
                     dst.as_mut_ptr(),
                     pixels,
                     false,
                     (self.c_in, pixels, self.c_out),
                     lhs,
                     rhs,
+                    1.0,
                     threads,
                 )
             }

@@ -17,6 +17,7 @@ pub mod allocator;
 pub mod attention;
 pub mod conv;
 pub mod geglu;
+mod matmul;
 pub mod norm;
 mod simd;
 #[cfg(test)]

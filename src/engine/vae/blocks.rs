@@ -28,6 +28,28 @@ pub fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Resul
     )
 }
 
+/// `resnets.0` (`c_in` → `c_out`) to `resnets.{layers − 1}` (`c_out` → `c_out`).
+fn resnets(
+    vb: &VarBuilder,
+    (c_in, c_out): (usize, usize),
+    layers: usize,
+    groups: usize,
+) -> Result<Vec<ResnetBlock>> {
+    (0..layers)
+        .map(|i| {
+            let c = if i == 0 { c_in } else { c_out };
+            resnet(vb.pp(format!("resnets.{i}")), c, c_out, groups)
+        })
+        .collect()
+}
+
+/// `x` through the resnets in turn.
+fn through(resnets: &[ResnetBlock], x: &Tensor) -> Result<Tensor> {
+    resnets
+        .iter()
+        .try_fold(x.clone(), |h, resnet| resnet.forward(&h, None))
+}
+
 /// diffusers' `DownEncoderBlock2D`: resnets, then a stride-2 convolution (except the last).
 #[derive(Debug, Clone)]
 pub struct DownBlock {
@@ -44,12 +66,7 @@ impl DownBlock {
         groups: usize,
         downsample: bool,
     ) -> Result<Self> {
-        let resnets = (0..layers)
-            .map(|i| {
-                let c = if i == 0 { c_in } else { c_out };
-                resnet(vb.pp(format!("resnets.{i}")), c, c_out, groups)
-            })
-            .collect::<Result<_>>()?;
+        let resnets = resnets(&vb, (c_in, c_out), layers, groups)?;
         let downsample = if downsample {
             Some(Downsample::load(vb.pp("downsamplers.0"), c_out, 0)?)
         } else {
@@ -64,10 +81,7 @@ impl DownBlock {
 
 impl Module for DownBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&h, None)?;
-        }
+        let h = through(&self.resnets, x)?;
         match &self.downsample {
             Some(down) => down.forward(&h),
             None => Ok(h),
@@ -92,12 +106,7 @@ impl UpBlock {
         groups: usize,
         upsample: bool,
     ) -> Result<Self> {
-        let resnets = (0..layers)
-            .map(|i| {
-                let c = if i == 0 { c_in } else { c_out };
-                resnet(vb.pp(format!("resnets.{i}")), c, c_out, groups)
-            })
-            .collect::<Result<_>>()?;
+        let resnets = resnets(&vb, (c_in, c_out), layers, groups)?;
         let upsample = if upsample {
             Some(Upsample::load(vb.pp("upsamplers.0"), c_out)?)
         } else {
@@ -109,10 +118,7 @@ impl UpBlock {
 
 impl Module for UpBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&h, None)?;
-        }
+        let h = through(&self.resnets, x)?;
         match &self.upsample {
             Some(up) => up.forward(&h),
             None => Ok(h),
