@@ -24,13 +24,20 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// f32 and f16 everywhere, and bf16 products where the CPU has AMX (it says which).
 #[test]
-fn the_built_in_tiny_model_passes_on_the_cpu_in_f32_and_f16() {
+fn the_built_in_tiny_model_passes_on_the_cpu_in_every_precision() {
     let out = doctor(&[]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("devices: cpu"), "{stdout}");
     assert!(stdout.contains("features:"), "{stdout}");
+    let bf16 = stdout.contains("on the CPU in bf16 products:");
+    assert!(
+        bf16 || stdout.contains("bf16 products (--precision bf16): not here"),
+        "{stdout}"
+    );
+    let precisions = if bf16 { 3 } else { 2 };
     for check in [
         "UNet forward, t=981",
         "UNet forward, t=21",
@@ -40,12 +47,13 @@ fn the_built_in_tiny_model_passes_on_the_cpu_in_f32_and_f16() {
     ] {
         assert_eq!(
             stdout.matches(check).count(),
-            2,
-            "{check} in f32 and f16:\n{stdout}"
+            precisions,
+            "{check} in each precision:\n{stdout}"
         );
     }
     assert!(!stdout.contains("FAIL"), "{stdout}");
-    assert!(stdout.contains("result: all 10 checks passed"), "{stdout}");
+    let all = format!("result: all {} checks passed", 5 * precisions);
+    assert!(stdout.contains(&all), "{stdout}");
 }
 
 /// A copy of the reference with `name` replaced by `f(name's tensor)`.
@@ -66,11 +74,16 @@ fn a_corrupted_reference_tensor_fails_the_check_that_uses_it() {
     let out = doctor(&["--reference", path.to_str().unwrap()]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(!out.status.success(), "{stdout}");
+    let precisions = if stdout.contains("in bf16 products:") {
+        3
+    } else {
+        2
+    };
     let failed: Vec<&str> = stdout.lines().filter(|l| l.contains("FAIL")).collect();
     assert_eq!(
         failed.len(),
-        4,
-        "two gradient checks in f32 and f16:\n{stdout}"
+        2 * precisions,
+        "two gradient checks in each precision:\n{stdout}"
     );
     assert!(
         failed.iter().all(|l| l.contains("guidance gradient")),
@@ -78,7 +91,11 @@ fn a_corrupted_reference_tensor_fails_the_check_that_uses_it() {
     );
     assert!(stdout.contains("UNet forward, t=981") && stdout.contains("pass"));
     assert!(
-        stderr.contains("4 of 10 checks failed") && stderr.contains("guidance gradient"),
+        stderr.contains(&format!(
+            "{} of {} checks failed",
+            2 * precisions,
+            5 * precisions
+        )) && stderr.contains("guidance gradient"),
         "{stderr}"
     );
 }

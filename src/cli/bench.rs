@@ -209,6 +209,7 @@ fn median(values: &[f64]) -> f64 {
 /// Runs `p2pz bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     let device = args.device.open()?;
+    args.precision.prepare(&device)?;
     let dtype = args.precision.dtype();
     if let [case, size] = args.worker.as_slice() {
         let measurement = worker(case, size.parse()?, args.repeats.max(1), &device, dtype)?;
@@ -235,7 +236,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
     println!(
         "p2pz bench: SD-1.5 architecture, random weights, {}, {}, {} CPU threads",
-        dtype.as_str(),
+        args.precision.name(),
         describe_device(&device),
         candle_core::utils::get_num_threads()
     );
@@ -254,7 +255,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "--device",
                     args.device.name(),
                     "--precision",
-                    dtype.as_str(),
+                    args.precision.name(),
                     "--worker",
                     case,
                     &size.to_string(),
@@ -483,7 +484,7 @@ fn editor_case(
 fn editor_bench(args: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
     println!(
         "p2pz bench --editor: {}, {}, {} CPU threads",
-        dtype.as_str(),
+        args.precision.name(),
         describe_device(device),
         candle_core::utils::get_num_threads()
     );

@@ -15,6 +15,7 @@ use clap::Args;
 use pix2pix_zero::edit::guidance::cross_attention_loss;
 use pix2pix_zero::engine::config::{RawUNetConfig, UNetConfig};
 use pix2pix_zero::engine::control::{AttentionKind, Keep, Recorder};
+use pix2pix_zero::engine::cpu::{self, Products};
 use pix2pix_zero::engine::rng::Rng;
 use pix2pix_zero::engine::unet::UNet;
 
@@ -61,12 +62,22 @@ impl Check {
 
 /// How close each precision must come to the reference: `(UNet output, loss, gradient)`
 /// relative to the reference's largest magnitude, and the gradient's `1 - cosine`. The f32
-/// limits are the parity tests' (`tests/parity.rs`, `tests/gradients.rs`).
-fn limits(dtype: DType) -> (f64, f64, f64, f64) {
-    match dtype {
-        DType::F32 => (1e-5, 1e-5, 1e-4, 1e-5),
+/// limits are the parity tests' (`tests/parity.rs`, `tests/gradients.rs`). bf16 keeps 8 bits of
+/// mantissa to f16's 11, so bf16 products get 3× f16's limits on the output and the gradient.
+fn limits(dtype: DType, products: Products) -> (f64, f64, f64, f64) {
+    match (dtype, products) {
+        (DType::F32, Products::F32) => (1e-5, 1e-5, 1e-4, 1e-5),
+        (_, Products::Bf16) => (3e-2, 1e-2, 1e-1, 1e-3),
         _ => (1e-2, 1e-2, 3e-2, 1e-3),
     }
+}
+
+/// Whether `--precision bf16` can run on `device`, or why not.
+fn bf16_products_available(device: &Device) -> std::result::Result<(), String> {
+    if !device.is_cpu() {
+        return Err("it is for CPUs".into());
+    }
+    cpu::with_products(Products::Bf16, || ())
 }
 
 /// Runs `p2pz doctor`.
@@ -96,13 +107,20 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         None => load_reference(REFERENCE, &device)?,
     };
     let mut checks = vec![];
-    for dtype in [DType::F32, DType::F16] {
+    let mut precisions = vec![
+        ("f32", DType::F32, Products::F32),
+        ("f16", DType::F16, Products::F32),
+    ];
+    match bf16_products_available(&device) {
+        Ok(()) => precisions.push(("bf16 products", DType::F32, Products::Bf16)),
+        Err(why) => println!("bf16 products (--precision bf16): not here, {why}"),
+    }
+    for (label, dtype, products) in precisions {
         println!(
-            "checking the tiny UNet on the {} in {}:",
-            describe(&device),
-            dtype.as_str()
+            "checking the tiny UNet on the {} in {label}:",
+            describe(&device)
         );
-        for check in parity(&device, dtype, &reference)? {
+        for check in parity(&device, (dtype, products), &reference)? {
             println!(
                 "  {:<34} error {:>9.2e}  limit {:>9.2e}  {}  {}",
                 check.name,
@@ -173,14 +191,16 @@ fn load_reference(
 /// The UNet forward at two timesteps and the guidance loss and gradient, in `dtype`.
 fn parity(
     device: &Device,
-    dtype: DType,
+    (dtype, products): (DType, Products),
     r: &std::collections::HashMap<String, Tensor>,
 ) -> Result<Vec<Check>> {
     let raw: RawUNetConfig = serde_json::from_str(TINY_UNET_CONFIG)?;
     let vb = VarBuilder::from_buffered_safetensors(TINY_UNET_WEIGHTS.to_vec(), dtype, device)?;
-    let unet = UNet::load(vb, UNetConfig::from_raw(&raw)?)?;
+    let config = UNetConfig::from_raw(&raw)?;
+    let unet =
+        cpu::with_products(products, || UNet::load(vb, config)).map_err(anyhow::Error::msg)??;
     let input = |name: &str| r[name].to_dtype(dtype);
-    let (unet_limit, loss_limit, grad_limit, cosine_limit) = limits(dtype);
+    let (unet_limit, loss_limit, grad_limit, cosine_limit) = limits(dtype, products);
     let mut checks = vec![];
 
     let sample = input("unet.sample")?;

@@ -26,15 +26,39 @@ pub enum Precision {
     F32,
     /// f16 weights and activations (attention and norms still in f32): for GPUs.
     F16,
+    /// f32, but convolutions and linear layers multiply in bf16 (with f32 sums) on AMX tiles:
+    /// 2–3× faster on CPUs that have them (Intel Xeon Sapphire Rapids and newer), less exact.
+    Bf16,
 }
 
 impl Precision {
-    /// The dtype it stands for.
+    /// The dtype of weights and activations it stands for.
     pub fn dtype(self) -> DType {
         match self {
-            Precision::F32 => DType::F32,
+            Precision::F32 | Precision::Bf16 => DType::F32,
             Precision::F16 => DType::F16,
         }
+    }
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Readies the kernels for it on `device`, before any weights are loaded.
+    pub fn prepare(self, device: &Device) -> Result<()> {
+        if self != Precision::Bf16 {
+            return Ok(());
+        }
+        if !device.is_cpu() {
+            anyhow::bail!("--precision bf16 is for CPUs with AMX; on a GPU use --precision f16")
+        }
+        pix2pix_zero::engine::cpu::use_bf16_products()
+            .map_err(|why| anyhow::anyhow!("--precision bf16: {why}; use --precision f32"))
     }
 }
 
@@ -174,6 +198,7 @@ impl ModelArgs {
     pub fn load_text(&self) -> Result<TextModel> {
         let files = self.files()?;
         let device = self.device()?;
+        self.precision.prepare(&device)?;
         let root = files.root.clone();
         TextModel::load(files, &device, self.dtype())
             .with_context(|| format!("loading the text encoder from `{}`", root.display()))
@@ -183,6 +208,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<StableDiffusion> {
         let files = self.files()?;
         let device = self.device()?;
+        self.precision.prepare(&device)?;
         let root = files.root.clone();
         StableDiffusion::load(files, &device, self.dtype())
             .with_context(|| format!("loading the model from `{}`", root.display()))

@@ -21,7 +21,9 @@ use candle_core::{
     Storage, Tensor, D,
 };
 
-use super::cpu::{self, conv::Nchw, conv::PackedConv, norm::GroupNormParams};
+use super::cpu::{
+    self, conv::Nchw, conv::PackedConv, linear_amx::TileLinear, norm::GroupNormParams, Products,
+};
 
 /// The backward of one [`with_vjp`] node: `(input, output, output gradient) -> input gradient`.
 type Vjp = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
@@ -112,18 +114,54 @@ pub fn with_vjp(
 }
 
 /// A linear layer, `y = x·Wᵀ + b`, whose backward returns `∂L/∂x` only.
+///
+/// With bf16 products ([`cpu::products`]) f32 CPU weights are packed into AMX tiles instead.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `(out_features, in_features)`.
-    weight: Tensor,
+    weight: LinearWeight,
     /// `(out_features,)`.
     bias: Option<Tensor>,
+}
+
+/// A linear layer's weight in the form its products want.
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// `(out_features, in_features)`.
+    Tensor(Tensor),
+    /// Packed for bf16 products.
+    Tiles(Arc<TileLinear>),
 }
 
 impl Linear {
     /// Wraps weights laid out like PyTorch's `nn.Linear`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let tiles = (cpu::products() == Products::Bf16 && cpu::handles(&weight))
+            .then(|| {
+                let (out_features, in_features) = weight.dims2().ok()?;
+                cpu::with_f32(&weight, |w| TileLinear::pack(w, out_features, in_features)).ok()
+            })
+            .flatten();
+        let weight = match tiles {
+            Some(tiles) => LinearWeight::Tiles(Arc::new(tiles)),
+            None => LinearWeight::Tensor(weight),
+        };
         Self { weight, bias }
+    }
+
+    /// The weight, `(out_features, in_features)` (a copy when it is packed).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Tensor(w) => Ok(w.clone()),
+            LinearWeight::Tiles(t) => cpu::tensor(t.unpack(), (t.out_features(), t.in_features())),
+        }
+    }
+
+    /// The tiles, when they run `x`.
+    fn tiles_for(&self, x: &Tensor) -> Option<&TileLinear> {
+        match &self.weight {
+            LinearWeight::Tiles(t) if cpu::handles(x) => Some(t),
+            _ => None,
+        }
     }
 
     /// Loads `weight` (and `bias` when `with_bias`) from `vb`.
@@ -143,7 +181,18 @@ impl Linear {
     }
 
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        if let Some(tiles) = self.tiles_for(x) {
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().expect("rank ≥ 1") = tiles.out_features();
+            let bias = self
+                .bias
+                .as_ref()
+                .map(|b| cpu::with_f32(b, <[f32]>::to_vec))
+                .transpose()?;
+            let y = cpu::with_f32(x, |x| tiles.forward(x, bias.as_deref()))?;
+            return cpu::tensor(y, dims);
+        }
+        let y = x.broadcast_matmul(&self.weight()?.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -154,7 +203,12 @@ impl Linear {
 impl Linear {
     /// `∂L/∂x` given `∂L/∂y`: `g·W`.
     pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
-        g.broadcast_matmul(&self.weight)
+        if let Some(tiles) = self.tiles_for(g) {
+            let mut dims = g.dims().to_vec();
+            *dims.last_mut().expect("rank ≥ 1") = tiles.in_features();
+            return cpu::tensor(cpu::with_f32(g, |g| tiles.input_grad(g))?, dims);
+        }
+        g.broadcast_matmul(&self.weight()?)
     }
 }
 
@@ -162,8 +216,8 @@ impl Module for Linear {
     /// `x`: `(..., in_features)` → `(..., out_features)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.plain(&x.detach())?;
-        let weight = self.weight.clone();
-        with_vjp("linear", x, y, move |_, _, g| g.broadcast_matmul(&weight))
+        let this = self.clone();
+        with_vjp("linear", x, y, move |_, _, g| this.input_grad(g))
     }
 }
 
@@ -209,7 +263,8 @@ impl Conv2d {
         let bias = Some(vb.get(c_out, "bias")?);
         let weights = if cpu::handles(&weight) {
             let packed = cpu::with_f32(&weight, |w| {
-                PackedConv::pack(w, c_out, c_in, kernel).with_geometry(padding, stride)
+                PackedConv::pack(w, c_out, c_in, kernel, cpu::products())
+                    .with_geometry(padding, stride)
             })?;
             ConvWeights::Packed(Arc::new(packed))
         } else {

@@ -14,17 +14,19 @@
 //! on it.
 //!
 //! The weights are packed once, at load time, as `(k·k, c_out, c_in)`; the products run on
-//! `gemm`, which picks its AVX-512, AVX2 or portable kernels at run time.
+//! `gemm`, which picks its AVX-512, AVX2 or portable kernels at run time. With bf16 products
+//! ([`super::Products::Bf16`]) the same sums run on AMX tiles instead ([`super::conv_amx`]).
 
 use rayon::prelude::*;
 
+use super::conv_amx::TileTaps;
 use super::matmul::{product, Matrix};
+use super::Products;
 
 /// A square convolution's geometry and its weights, packed tap by tap.
 #[derive(Debug, Clone)]
 pub struct PackedConv {
-    /// `(k·k, c_out, c_in)`, row-major.
-    taps: Vec<f32>,
+    weights: Weights,
     /// Output channels.
     pub c_out: usize,
     /// Input channels.
@@ -35,6 +37,15 @@ pub struct PackedConv {
     pub padding: usize,
     /// Stride of both axes.
     pub stride: usize,
+}
+
+/// A kernel packed for the products that run it.
+#[derive(Debug, Clone)]
+enum Weights {
+    /// `(k·k, c_out, c_in)`, row-major, for `gemm`.
+    F32(Vec<f32>),
+    /// Tap by tap as AMX tiles.
+    Bf16(TileTaps),
 }
 
 /// The shape of an NCHW activation.
@@ -52,7 +63,7 @@ pub struct Nchw {
 
 impl Nchw {
     /// Elements in one image (`c·h·w`).
-    fn image(&self) -> usize {
+    pub(super) fn image(&self) -> usize {
         self.c * self.h * self.w
     }
 
@@ -143,20 +154,32 @@ impl Phases {
 }
 
 impl PackedConv {
-    /// Packs a PyTorch-layout kernel `(c_out, c_in, k, k)`.
-    pub fn pack(weight: &[f32], c_out: usize, c_in: usize, kernel: usize) -> Self {
+    /// Packs a PyTorch-layout kernel `(c_out, c_in, k, k)` for `products`.
+    pub fn pack(
+        weight: &[f32],
+        c_out: usize,
+        c_in: usize,
+        kernel: usize,
+        products: Products,
+    ) -> Self {
         assert_eq!(weight.len(), c_out * c_in * kernel * kernel, "kernel size");
         let taps_n = kernel * kernel;
-        let mut taps = vec![0f32; weight.len()];
-        taps.par_chunks_mut(c_out * c_in)
-            .enumerate()
-            .for_each(|(tap, dst)| {
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = weight[i * taps_n + tap];
-                }
-            });
+        let weights = match products {
+            Products::F32 => {
+                let mut taps = vec![0f32; weight.len()];
+                taps.par_chunks_mut(c_out * c_in)
+                    .enumerate()
+                    .for_each(|(tap, dst)| {
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = weight[i * taps_n + tap];
+                        }
+                    });
+                Weights::F32(taps)
+            }
+            Products::Bf16 => Weights::Bf16(TileTaps::pack(weight, c_out, c_in, kernel)),
+        };
         Self {
-            taps,
+            weights,
             c_out,
             c_in,
             kernel,
@@ -173,11 +196,16 @@ impl PackedConv {
         self
     }
 
-    /// Back to PyTorch's `(c_out, c_in, k, k)` layout (for other devices and tests).
+    /// Back to PyTorch's `(c_out, c_in, k, k)` layout (for other devices and tests); bf16
+    /// weights come back as the f32 values they hold.
     pub fn unpack(&self) -> Vec<f32> {
         let taps_n = self.kernel * self.kernel;
-        let mut weight = vec![0f32; self.taps.len()];
-        for (tap, chunk) in self.taps.chunks(self.c_out * self.c_in).enumerate() {
+        let taps = match &self.weights {
+            Weights::F32(taps) => taps,
+            Weights::Bf16(tiles) => return tiles.unpack(self.c_out, self.c_in, self.kernel),
+        };
+        let mut weight = vec![0f32; taps.len()];
+        for (tap, chunk) in taps.chunks(self.c_out * self.c_in).enumerate() {
             for (i, v) in chunk.iter().enumerate() {
                 weight[i * taps_n + tap] = *v;
             }
@@ -195,8 +223,17 @@ impl PackedConv {
         Some((side(h)?, side(w)?))
     }
 
+    /// The `(c_out, c_in)` f32 slice of one tap.
     fn tap(&self, tap: usize) -> &[f32] {
-        &self.taps[tap * self.c_out * self.c_in..(tap + 1) * self.c_out * self.c_in]
+        let Weights::F32(taps) = &self.weights else {
+            unreachable!("f32 products on bf16 weights")
+        };
+        &taps[tap * self.c_out * self.c_in..(tap + 1) * self.c_out * self.c_in]
+    }
+
+    /// The f32 kernel as one `(c_out, c_in)` matrix (a 1×1 convolution's).
+    fn pointwise_weights(&self) -> *const f32 {
+        self.tap(0).as_ptr()
     }
 
     /// `conv2d(x) + bias` (+ `extra[n, c_out]` per image and channel, e.g. a time embedding).
@@ -220,6 +257,9 @@ impl PackedConv {
             h: ho,
             w: wo,
         };
+        if let Weights::Bf16(tiles) = &self.weights {
+            return (tiles.forward(self, x, input, bias, extra, output), output);
+        }
         let mut out = vec![0f32; output.len()];
         if self.is_pointwise() {
             self.pointwise_forward(x, input, bias, extra, &mut out);
@@ -264,19 +304,8 @@ impl PackedConv {
                 }
             }
             let dst = &mut out[image * output.image()..(image + 1) * output.image()];
-            dst.par_chunks_mut(ho * wo)
-                .zip(wide_out.par_chunks(wide))
-                .enumerate()
-                .for_each(|(channel, (dst, src))| {
-                    let add = bias.map_or(0.0, |b| b[channel])
-                        + extra.map_or(0.0, |e| e[image * self.c_out + channel]);
-                    for (row, dst_row) in dst.chunks_mut(wo).enumerate() {
-                        let src_row = &src[row * width..row * width + wo];
-                        for (d, v) in dst_row.iter_mut().zip(src_row) {
-                            *d = v + add;
-                        }
-                    }
-                });
+            let offsets = Offsets { bias, extra, image };
+            crop_wide(&wide_out, wide, width, dst, output, offsets);
         }
         (out, output)
     }
@@ -287,6 +316,9 @@ impl PackedConv {
             .output_size(input.h, input.w)
             .expect("input smaller than the kernel");
         assert_eq!(g.len(), input.n * self.c_out * ho * wo, "gradient size");
+        if let Weights::Bf16(tiles) = &self.weights {
+            return tiles.input_grad(self, g, input, (ho, wo));
+        }
         if self.is_pointwise() {
             return self.pointwise_input_grad(g, input);
         }
@@ -339,6 +371,7 @@ impl PackedConv {
                     }
                     scatter_phase(
                         &wide_out,
+                        wide,
                         dst,
                         (input.h, input.w),
                         (a, b),
@@ -354,7 +387,7 @@ impl PackedConv {
 
 impl PackedConv {
     /// A 1×1 convolution with stride 1 and no padding: one product per image, no copies.
-    fn is_pointwise(&self) -> bool {
+    pub(super) fn is_pointwise(&self) -> bool {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
@@ -385,7 +418,7 @@ impl PackedConv {
                     });
             }
             let (lhs, rhs) = (
-                Matrix::rows(self.taps.as_ptr(), self.c_in),
+                Matrix::rows(self.pointwise_weights(), self.c_in),
                 Matrix::rows(src.as_ptr(), pixels),
             );
             // SAFETY: `dst` is `c_out × pixels`, `lhs` `c_out × c_in`, `rhs` `c_in × pixels`.
@@ -413,7 +446,7 @@ impl PackedConv {
             .zip(g.chunks(self.c_out * pixels))
         {
             let (lhs, rhs) = (
-                Matrix::transposed(self.taps.as_ptr(), self.c_in),
+                Matrix::transposed(self.pointwise_weights(), self.c_in),
                 Matrix::rows(src.as_ptr(), pixels),
             );
             // SAFETY: `dst` is `c_in × pixels`, `lhs` (Wᵀ) `c_in × c_out`, `rhs` `c_out × pixels`.
@@ -434,9 +467,48 @@ impl PackedConv {
     }
 }
 
-/// Writes the valid pixels of one phase of the padded input gradient into `dx` (`c × h × w`).
-fn scatter_phase(
+/// What the last pass of a forward adds to every pixel of a channel: the bias and a per-image
+/// offset (`extra[image, channel]`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Offsets<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub extra: Option<&'a [f32]>,
+    pub image: usize,
+}
+
+/// Drops the junk columns of a wide output (channel rows `stride` apart, pixel rows `width`
+/// apart) into the `output`-shaped image `dst`, adding the offsets.
+pub(super) fn crop_wide(
     wide_out: &[f32],
+    stride: usize,
+    width: usize,
+    dst: &mut [f32],
+    output: Nchw,
+    offsets: Offsets<'_>,
+) {
+    let (ho, wo) = (output.h, output.w);
+    dst.par_chunks_mut(ho * wo)
+        .zip(wide_out.par_chunks(stride))
+        .enumerate()
+        .for_each(|(channel, (dst, src))| {
+            let add = offsets.bias.map_or(0.0, |b| b[channel])
+                + offsets
+                    .extra
+                    .map_or(0.0, |e| e[offsets.image * output.c + channel]);
+            for (row, dst_row) in dst.chunks_mut(wo).enumerate() {
+                let src_row = &src[row * width..row * width + wo];
+                for (d, v) in dst_row.iter_mut().zip(src_row) {
+                    *d = v + add;
+                }
+            }
+        });
+}
+
+/// Writes the valid pixels of one phase of the padded input gradient into `dx` (`c × h × w`);
+/// the phase's channel rows are `stride` apart in `wide_out`.
+pub(super) fn scatter_phase(
+    wide_out: &[f32],
+    stride: usize,
     dx: &mut [f32],
     (h, w): (usize, usize),
     (a, b): (usize, usize),
@@ -444,7 +516,7 @@ fn scatter_phase(
     (phase_h, width): (usize, usize),
 ) {
     dx.par_chunks_mut(h * w)
-        .zip(wide_out.par_chunks(phase_h * width))
+        .zip(wide_out.par_chunks(stride))
         .for_each(|(dst, src)| {
             for i in 0..phase_h {
                 let Some(r) = (s * i + a).checked_sub(p) else {
@@ -500,7 +572,8 @@ mod tests {
             let weight = random(&[co, ci, k, k], seed + 1);
             let bias = random(&[co], seed + 2);
             let offset = random(&[n, co], seed + 3);
-            let packed = PackedConv::pack(&values(&weight), co, ci, k).with_geometry(p, s);
+            let packed =
+                PackedConv::pack(&values(&weight), co, ci, k, Products::F32).with_geometry(p, s);
             assert_eq!(packed.unpack(), values(&weight), "{what}: unpack");
 
             let shape = Nchw { n, c: ci, h, w };

@@ -26,8 +26,6 @@ pub struct Attention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
-    /// Raw projection weights, `(inner, in)`, for the recomputing self-attention op.
-    w_qkv: [Tensor; 3],
     heads: usize,
     scale: f64,
     kind: AttentionKind,
@@ -68,11 +66,10 @@ impl Attention {
         let to_k = vb.get((inner, context_dim), "to_k.weight")?;
         let to_v = vb.get((inner, context_dim), "to_v.weight")?;
         Ok(Self {
-            to_q: Linear::new(to_q.clone(), None),
-            to_k: Linear::new(to_k.clone(), None),
-            to_v: Linear::new(to_v.clone(), None),
+            to_q: Linear::new(to_q, None),
+            to_k: Linear::new(to_k, None),
+            to_v: Linear::new(to_v, None),
             to_out: Linear::load(vb.pp("to_out.0"), inner, query_dim, true)?,
-            w_qkv: [to_q, to_k, to_v],
             heads,
             scale: 1.0 / ((inner / heads) as f64).sqrt(),
             kind,
@@ -168,7 +165,12 @@ impl Attention {
         let x_detached = x.detach();
         let (q, k, v) = self.project(&x_detached, &x_detached)?;
         let out = merge_heads(&self.fast().attend(&q, &k, &v)?, self.heads)?;
-        let (w_qkv, heads, attention) = (self.w_qkv.clone(), self.heads, self.fast());
+        let w_qkv = [
+            self.to_q.weight()?,
+            self.to_k.weight()?,
+            self.to_v.weight()?,
+        ];
+        let (heads, attention) = (self.heads, self.fast());
         with_vjp("self_attention", x, out, move |x, _, g| {
             let dt = compute_dtype(x.dtype());
             let x32 = x.to_dtype(dt)?;
@@ -190,33 +192,36 @@ impl Attention {
 impl Attention {
     /// [`Self::recomputed`] on the CPU kernels, with the heads never split off by copying.
     fn recomputed_cpu(&self, x: &Tensor) -> Result<Tensor> {
-        let project = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
         let x_detached = x.detach();
-        let [wq, wk, wv] = &self.w_qkv;
-        let (q, k, v) = (
-            project(&x_detached, wq)?,
-            project(&x_detached, wk)?,
-            project(&x_detached, wv)?,
-        );
+        let (q, k, v) = project_with(self, &x_detached)?;
         let out = cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale)?;
-        let (w_qkv, heads, scale) = (self.w_qkv.clone(), self.heads, self.scale);
+        let this = self.clone();
         with_vjp("self_attention", x, out, move |x, _, g| {
-            let [wq, wk, wv] = &w_qkv;
-            let (q, k, v) = (project(x, wq)?, project(x, wk)?, project(x, wv)?);
-            let shape = AttentionShape::of(&q, &k, heads)?;
+            let (q, k, v) = project_with(&this, &x.detach())?;
+            let shape = AttentionShape::of(&q, &k, this.heads)?;
+            let scale = this.scale as f32;
             let (dq, dk, dv) = cpu::with_f32(&q, |q| {
                 cpu::with_f32(&k, |k| {
                     cpu::with_f32(&v, |v| {
                         cpu::with_f32(g, |g| {
-                            cpu::attention::attend_backward(q, k, v, g, shape, scale as f32)
+                            cpu::attention::attend_backward(q, k, v, g, shape, scale)
                         })
                     })
                 })
             })????;
-            let back = |d: Vec<f32>, w: &Tensor| cpu::tensor(d, x.shape())?.broadcast_matmul(w);
-            (back(dq, wq)? + back(dk, wk)?)? + back(dv, wv)?
+            let back = |d: Vec<f32>, layer: &Linear| layer.input_grad(&cpu::tensor(d, x.shape())?);
+            (back(dq, &this.to_q)? + back(dk, &this.to_k)?)? + back(dv, &this.to_v)?
         })
     }
+}
+
+/// `(q, k, v)` of self-attention on `x`, projected by `attention`'s layers, outside any graph.
+fn project_with(attention: &Attention, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        attention.to_q.forward(x)?,
+        attention.to_k.forward(x)?,
+        attention.to_v.forward(x)?,
+    ))
 }
 
 /// Tokens the CPU feed-forward takes at a time.

@@ -1,0 +1,475 @@
+//! bf16 matrix products on Intel's AMX tiles, with f32 accumulation.
+//!
+//! An AMX tile is 16 rows of 64 bytes; `tdpbf16ps` adds to a `16×16` f32 tile the product of a
+//! `16×32` bf16 tile (`a`, row-major) and a `32×16` one (`b`) stored as 16 rows of 16 column
+//! pairs (row `r` holds `b[2r][j], b[2r+1][j]` for each `j`: the "pair" layout). The kernel here
+//! computes `32×32` blocks of `dst (m×n) = Σ_terms a_term (m×k) · b_term (k×n)` from two tiles
+//! of each operand at a time, with every operand described by where its tiles lie
+//! ([`TileWalk`]). Sums of several products (a convolution's taps) stay in the tile registers.
+//!
+//! The tiles need the CPU's AMX-TILE and AMX-BF16 and the kernel's permission to use the large
+//! tile state, which [`enable`] asks for once. Everything else (packing, conversion) is plain
+//! Rust. Rounding to bf16 is to nearest, ties to even, as `vcvtneps2bf16` does.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Elements of bf16 in a tile row (and `k` per tile).
+pub const TILE_K: usize = 32;
+/// Rows (and f32 columns) of a tile.
+pub const TILE: usize = 16;
+/// Rows and columns of the output block one kernel call computes.
+pub const BLOCK: usize = 2 * TILE;
+
+/// `x` rounded to bf16 (to nearest, ties to even; NaN stays NaN).
+#[inline(always)]
+pub fn bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if bits & 0x7fff_ffff > 0x7f80_0000 {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+/// The f32 value of a bf16.
+#[inline(always)]
+pub fn f32_of(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// `n` rounded up to a multiple of `to`.
+pub fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// Whether this process may run the AMX kernels: the CPU has AMX-TILE and AMX-BF16 and the
+/// kernel granted the tile state. Asked once; the answer (or why not) is kept.
+pub fn enable() -> Result<(), String> {
+    static STATE: OnceLock<Result<(), String>> = OnceLock::new();
+    STATE.get_or_init(request).clone()
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn request() -> Result<(), String> {
+    // CPUID leaf 7 (when the CPU has it): EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.
+    let max_leaf = std::arch::x86_64::__cpuid(0).eax;
+    let edx = if max_leaf >= 7 {
+        std::arch::x86_64::__cpuid_count(7, 0).edx
+    } else {
+        0
+    };
+    if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+        return Err(
+            "this CPU has no AMX-BF16 tiles (Intel Xeon of 2023, Sapphire Rapids, \
+                    or newer has them)"
+                .into(),
+        );
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: asks the kernel for a permission; touches no memory of ours.
+    let granted = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    if granted != 0 {
+        return Err(
+            "the operating system does not let this process use AMX tiles (Linux 5.16 \
+                    or newer does)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn request() -> Result<(), String> {
+    Err("AMX tiles are used only on x86-64 Linux".into())
+}
+
+/// Where the tiles of one operand lie, in bytes: tile `(i, kb)` (`i`: the `16`-row (for `a`) or
+/// `16`-column (for `b`) index, `kb`: the `32`-wide `k` block) starts at
+/// `base + i·tile_step + kb·k_step`, its rows `row_stride` apart.
+#[derive(Debug, Clone, Copy)]
+pub struct TileWalk {
+    /// Bytes between the rows of one tile.
+    pub row_stride: usize,
+    /// Bytes from one tile to the next along `m` (for `a`) or `n` (for `b`).
+    pub tile_step: usize,
+    /// Bytes from one `k` block to the next.
+    pub k_step: usize,
+}
+
+/// A row-major matrix packed into `a` tiles: `[m/16][k/32][16][32]` bf16, zero-padded.
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    data: Vec<u16>,
+    /// Rows before padding.
+    pub rows: usize,
+    /// Columns (`k`) before padding.
+    pub cols: usize,
+    k_blocks: usize,
+}
+
+impl PackedA {
+    /// Packs the `rows × cols` matrix whose element `(r, c)` is `at(r, c)`.
+    pub fn pack(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let k_blocks = cols.div_ceil(TILE_K);
+        let tile = TILE * TILE_K;
+        let mut data = vec![0u16; round_up(rows, BLOCK) / TILE * k_blocks * tile];
+        data.par_chunks_mut(tile).enumerate().for_each(|(t, dst)| {
+            let (mt, kb) = (t / k_blocks, t % k_blocks);
+            for (i, row) in dst.chunks_mut(TILE_K).enumerate() {
+                let r = mt * TILE + i;
+                if r >= rows {
+                    break;
+                }
+                for (j, d) in row.iter_mut().enumerate() {
+                    let c = kb * TILE_K + j;
+                    if c < cols {
+                        *d = bf16(at(r, c));
+                    }
+                }
+            }
+        });
+        Self {
+            data,
+            rows,
+            cols,
+            k_blocks,
+        }
+    }
+
+    /// Element `(r, c)` as f32 (what the products use).
+    pub fn get(&self, r: usize, c: usize) -> f32 {
+        let (mt, i, kb, j) = (r / TILE, r % TILE, c / TILE_K, c % TILE_K);
+        f32_of(self.data[((mt * self.k_blocks + kb) * TILE + i) * TILE_K + j])
+    }
+
+    /// The `k` blocks of a row of tiles.
+    pub fn k_blocks(&self) -> usize {
+        self.k_blocks
+    }
+
+    /// Where its tiles lie.
+    pub fn walk(&self) -> TileWalk {
+        TileWalk {
+            row_stride: TILE_K * 2,
+            tile_step: self.k_blocks * TILE * TILE_K * 2,
+            k_step: TILE * TILE_K * 2,
+        }
+    }
+
+    /// The first tile.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.data.as_ptr().cast()
+    }
+}
+
+/// A matrix packed into `b` tiles: `[n/16][k/32][16 pairs][16][2]` bf16, zero-padded.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    data: Vec<u16>,
+    /// Rows (`k`) before padding.
+    pub rows: usize,
+    /// Columns before padding.
+    pub cols: usize,
+    k_blocks: usize,
+}
+
+impl PackedB {
+    /// Packs the `rows × cols` matrix whose element `(k, c)` is `at(k, c)`.
+    pub fn pack(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let k_blocks = rows.div_ceil(TILE_K);
+        let tile = TILE * TILE_K;
+        let mut data = vec![0u16; round_up(cols, BLOCK) / TILE * k_blocks * tile];
+        data.par_chunks_mut(tile).enumerate().for_each(|(t, dst)| {
+            let (nt, kb) = (t / k_blocks, t % k_blocks);
+            for (pair, row) in dst.chunks_mut(2 * TILE).enumerate() {
+                for (j, d) in row.chunks_mut(2).enumerate() {
+                    let c = nt * TILE + j;
+                    for (half, v) in d.iter_mut().enumerate() {
+                        let k = kb * TILE_K + 2 * pair + half;
+                        if k < rows && c < cols {
+                            *v = bf16(at(k, c));
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            data,
+            rows,
+            cols,
+            k_blocks,
+        }
+    }
+
+    /// Element `(k, c)` as f32.
+    pub fn get(&self, k: usize, c: usize) -> f32 {
+        let (nt, j, kb, kk) = (c / TILE, c % TILE, k / TILE_K, k % TILE_K);
+        let tile = (nt * self.k_blocks + kb) * TILE * TILE_K;
+        f32_of(self.data[tile + (kk / 2) * 2 * TILE + 2 * j + kk % 2])
+    }
+
+    /// The `k` blocks of a column of tiles.
+    pub fn k_blocks(&self) -> usize {
+        self.k_blocks
+    }
+
+    /// Where its tiles lie.
+    pub fn walk(&self) -> TileWalk {
+        TileWalk {
+            row_stride: TILE * 4,
+            tile_step: self.k_blocks * TILE * TILE_K * 2,
+            k_step: TILE * TILE_K * 2,
+        }
+    }
+
+    /// The first tile.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.data.as_ptr().cast()
+    }
+}
+
+/// One product of a sum: where its `a` and `b` tiles start.
+#[derive(Debug, Clone, Copy)]
+pub struct Term {
+    /// Tile `(0, 0)` of `a`.
+    pub a: *const u8,
+    /// Tile `(0, 0)` of `b`.
+    pub b: *const u8,
+}
+
+/// `dst = Σ_terms a·b` over `k_blocks` blocks of `k`, for `m × n` (both multiples of
+/// [`BLOCK`]), `dst` row-major with rows `dst_stride` f32 apart, on the rayon pool.
+///
+/// # Safety
+/// [`enable`] must have succeeded. Every tile the walks reach for `m`, `n` and `k_blocks` must be
+/// readable from every term, `dst` must be valid for `m` rows of `n` f32 at its stride, and the
+/// terms must not overlap `dst`.
+pub unsafe fn sum_of_products(
+    dst: *mut f32,
+    dst_stride: usize,
+    (m, n): (usize, usize),
+    k_blocks: usize,
+    terms: &[Term],
+    a: TileWalk,
+    b: TileWalk,
+) {
+    debug_assert!(m % BLOCK == 0 && n % BLOCK == 0);
+    let (m_blocks, n_blocks) = (m / BLOCK, n / BLOCK);
+    // Tasks of several output blocks along `n` that share their `a` tiles.
+    let n_per_task = n_blocks.clamp(1, 8);
+    let tasks_n = n_blocks.div_ceil(n_per_task);
+    let dst = SendPtr(dst);
+    let terms = SendTerms(terms);
+    (0..m_blocks * tasks_n).into_par_iter().for_each(|task| {
+        let (mb, tn) = (task / tasks_n, task % tasks_n);
+        let _ = (&dst, &terms);
+        // SAFETY: forwarded from the caller; blocks of different tasks don't overlap.
+        unsafe {
+            configure();
+            for nb in tn * n_per_task..((tn + 1) * n_per_task).min(n_blocks) {
+                block(
+                    dst.0.add(mb * BLOCK * dst_stride + nb * BLOCK),
+                    dst_stride,
+                    (mb, nb),
+                    k_blocks,
+                    terms.0,
+                    a,
+                    b,
+                );
+            }
+        }
+    });
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: each task writes its own blocks of `dst`.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+struct SendTerms<'a>(&'a [Term]);
+// SAFETY: the terms point at operands that are only read.
+unsafe impl Send for SendTerms<'_> {}
+unsafe impl Sync for SendTerms<'_> {}
+
+/// The 64-byte tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+/// Loads the tile configuration on this thread.
+///
+/// # Safety
+/// [`enable`] must have succeeded.
+#[cfg(target_arch = "x86_64")]
+unsafe fn configure() {
+    let mut config = TileConfig([0; 64]);
+    config.0[0] = 1;
+    for tile in 0..8 {
+        config.0[16 + 2 * tile] = 64;
+        config.0[48 + tile] = TILE as u8;
+    }
+    // SAFETY: a valid palette-1 configuration; the caller checked AMX is usable.
+    unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack)) };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn configure() {
+    unreachable!("AMX is x86-64 only")
+}
+
+/// One `32×32` block of `dst`: tiles 0–3 accumulate, 4–5 hold `a`, 6–7 hold `b`.
+///
+/// # Safety
+/// As [`sum_of_products`], with the tiles configured on this thread.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block(
+    dst: *mut f32,
+    dst_stride: usize,
+    (mb, nb): (usize, usize),
+    k_blocks: usize,
+    terms: &[Term],
+    a: TileWalk,
+    b: TileWalk,
+) {
+    use std::arch::asm;
+    // SAFETY: every address is inside an operand (the caller's contract).
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack)
+        );
+        for term in terms {
+            let a0 = term.a.add(2 * mb * a.tile_step);
+            let a1 = a0.add(a.tile_step);
+            let b0 = term.b.add(2 * nb * b.tile_step);
+            let b1 = b0.add(b.tile_step);
+            for kb in 0..k_blocks {
+                let (ka, kb_) = (kb * a.k_step, kb * b.k_step);
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0.add(ka),
+                    a1 = in(reg) a1.add(ka),
+                    b0 = in(reg) b0.add(kb_),
+                    b1 = in(reg) b1.add(kb_),
+                    sa = in(reg) a.row_stride,
+                    sb = in(reg) b.row_stride,
+                    options(nostack, readonly)
+                );
+            }
+        }
+        let stride = dst_stride * 4;
+        let lower = dst.add(TILE * dst_stride);
+        asm!(
+            "tilestored [{d0} + {s}*1], tmm0",
+            "tilestored [{d1} + {s}*1], tmm1",
+            "tilestored [{d2} + {s}*1], tmm2",
+            "tilestored [{d3} + {s}*1], tmm3",
+            d0 = in(reg) dst,
+            d1 = in(reg) dst.add(TILE),
+            d2 = in(reg) lower,
+            d3 = in(reg) lower.add(TILE),
+            s = in(reg) stride,
+            options(nostack)
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block(
+    _: *mut f32,
+    _: usize,
+    _: (usize, usize),
+    _: usize,
+    _: &[Term],
+    _: TileWalk,
+    _: TileWalk,
+) {
+    unreachable!("AMX is x86-64 only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::test_support::{random, values};
+
+    #[test]
+    fn rounds_to_nearest_even() {
+        assert_eq!(bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1.
+        assert_eq!(bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(f32_of(bf16(-2.5)), -2.5);
+        assert!(f32_of(bf16(f32::NAN)).is_nan());
+        assert_eq!(f32_of(bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
+    /// The tiles' product against a plain sum over the same bf16 values, on sizes that need
+    /// padding on every side, with two terms.
+    #[test]
+    fn sum_of_products_matches_a_plain_sum() {
+        if enable().is_err() {
+            eprintln!("skipped: no AMX on this machine");
+            return;
+        }
+        let (m, n, k) = (37, 45, 70);
+        let x = values(&random(&[2 * m * k], 1));
+        let y = values(&random(&[2 * k * n], 2));
+        let a: Vec<PackedA> = (0..2)
+            .map(|t| PackedA::pack(m, k, |r, c| x[t * m * k + r * k + c]))
+            .collect();
+        let b: Vec<PackedB> = (0..2)
+            .map(|t| PackedB::pack(k, n, |r, c| y[t * k * n + r * n + c]))
+            .collect();
+        let (mp, np) = (round_up(m, BLOCK), round_up(n, BLOCK));
+        let mut dst = vec![0f32; mp * np];
+        let terms: Vec<Term> = (0..2)
+            .map(|t| Term {
+                a: a[t].as_ptr(),
+                b: b[t].as_ptr(),
+            })
+            .collect();
+        // SAFETY: the packed operands cover `mp × k_blocks` and `k_blocks × np`.
+        unsafe {
+            sum_of_products(
+                dst.as_mut_ptr(),
+                np,
+                (mp, np),
+                a[0].k_blocks(),
+                &terms,
+                a[0].walk(),
+                b[0].walk(),
+            )
+        };
+        for r in 0..m {
+            for c in 0..n {
+                let want: f64 = (0..2)
+                    .flat_map(|t| (0..k).map(move |i| (t, i)))
+                    .map(|(t, i)| a[t].get(r, i) as f64 * b[t].get(i, c) as f64)
+                    .sum();
+                let got = dst[r * np + c] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "({r}, {c}): {got} vs {want}"
+                );
+            }
+        }
+    }
+}
