@@ -27,7 +27,7 @@ torch plus the wheels of bench/gpu_wheels.txt):
     python bench/bench_diffusers.py --device cuda --dtype float16 --sizes 512 --json out.json
 
 Options: --cases (comma list, default all), --device cpu|cuda (default cpu), --dtype
-float32|float16 (default float32), --threads (CPU threads, default 2), --attn default|classic
+float32|float16|bfloat16 (default float32), --threads (CPU threads, default 2), --attn default|classic
 (default: diffusers' default processor, i.e. fused SDPA; classic: the original non-fused
 AttnProcessor with an explicit softmax, as pix2pix-zero needs to read attention maps).
 """
@@ -203,7 +203,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats after 1 warm-up")
     ap.add_argument("--cases", default=",".join(CASES), help="comma list from: " + ",".join(CASES))
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (matters on CPU)")
     ap.add_argument("--attn", choices=["default", "classic"], default="default")
     ap.add_argument("--json", help="write results to this JSON file")

@@ -144,7 +144,7 @@ def run_edit(pipe, image, size, steps, timed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--size", type=int, default=512, help="image side, a multiple of 64 (latent = size/8)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the inversion and of the edit")
     ap.add_argument("--warmup-steps", type=int, default=1, help="steps of the untimed warm-up edit (0: none)")

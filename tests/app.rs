@@ -33,6 +33,7 @@ fn options(dir: &Path, model: &str) -> AppOptions {
             prefer_fp16_download: false,
         },
         cpu: true,
+        bf16_products: false,
         preview_every: 2,
     };
     let mut options = AppOptions::new(worker);

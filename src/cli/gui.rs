@@ -65,6 +65,10 @@ pub struct GuiArgs {
     /// Run on the CPU even when a GPU is available.
     #[arg(long)]
     cpu: bool,
+    /// f32 (the default), or bf16 for bf16 matrix products on CPUs with AMX (2–3× faster
+    /// edits, less exact; the Model panel says whether they are in use).
+    #[arg(long, value_enum)]
+    precision: Option<super::Precision>,
 }
 
 /// `--window WxH`.
@@ -123,6 +127,13 @@ pub fn run(args: GuiArgs) -> Result<()> {
     use pix2pix_zero::worker::WorkerConfig;
 
     let mut worker = WorkerConfig::for_user(args.cpu);
+    match args.precision {
+        None | Some(super::Precision::F32) => {}
+        Some(super::Precision::Bf16) => worker.bf16_products = true,
+        Some(super::Precision::F16) => anyhow::bail!(
+            "the editor computes in f32: use --precision f32, or bf16 for bf16 products on CPUs              with AMX"
+        ),
+    }
     if let Some(captioner) = args.captioner {
         worker.captioner = captioner;
     }

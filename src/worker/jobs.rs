@@ -251,7 +251,23 @@ impl State {
         };
         let device = engine::pick_device(self.config.cpu)?;
         let root = files.root.clone();
-        let model = match StableDiffusion::load(files, &device, candle_core::DType::F32) {
+        let mut device_words = describe(&device);
+        let load = |files| StableDiffusion::load(files, &device, candle_core::DType::F32);
+        let loaded = if self.config.bf16_products && device.is_cpu() {
+            match engine::cpu::with_products(engine::cpu::Products::Bf16, || load(files.clone())) {
+                Ok(loaded) => {
+                    device_words.push_str(", bf16 products");
+                    loaded
+                }
+                Err(why) => {
+                    device_words.push_str(&format!(" in f32 (no bf16 products: {why})"));
+                    load(files)
+                }
+            }
+        } else {
+            load(files)
+        };
+        let model = match loaded {
             Ok(model) => model,
             Err(error) => {
                 outbox.send(Event::ModelMissing {
@@ -265,7 +281,7 @@ impl State {
         let info = ModelInfo {
             spec: spec.to_string(),
             root,
-            device: describe(&device),
+            device: device_words,
             default_side: model.default_image_side(),
         };
         // Sessions and directions belong to the previous model.
@@ -729,6 +745,7 @@ mod tests {
             sentences: 4,
             resolve: source::ResolveOptions::from_env(),
             cpu: true,
+            bf16_products: false,
             preview_every: 0,
         }
     }

@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     pub resolve: ResolveOptions,
     /// Run on the CPU even when a GPU is available.
     pub cpu: bool,
+    /// On a CPU with AMX, multiply in bf16 ([`crate::engine::cpu::Products::Bf16`]): 2–3×
+    /// faster edits, less exact. Elsewhere the model loads in f32 and says why.
+    pub bf16_products: bool,
     /// Decode a preview of the predicted clean image every this many edit steps (0: never).
     pub preview_every: usize,
 }
@@ -69,6 +72,7 @@ impl WorkerConfig {
             sentences: crate::edit::sentences::DEFAULT_SENTENCES,
             resolve: ResolveOptions::from_env(),
             cpu,
+            bf16_products: false,
             preview_every: 5,
         }
     }
