@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs our benchmark and diffusers' one after the other on this machine, so the numbers compare.
 # Usage: bench/run.sh [PYTHON]   (PYTHON: a Python with tests/fixtures/requirements.txt installed;
-# the text-to-image comparison writes a 4.3 GB random model folder to target/sd15-random once)
+# the text-to-image comparison writes a 4.3 GB random model folder to target/sd15-random once;
+# on a CPU with AMX it then compares p2pz's bf16 products with torch in bfloat16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python3}
@@ -27,3 +28,23 @@ echo "p2pz text-to-image 256x256, 3 steps: total $(awk "BEGIN { printf \"%.2f\",
     | tee bench/results/generate.txt
 "$python" bench/generate_diffusers.py "$model" --size 256 --steps 3 | tee -a bench/results/generate.txt
 "$python" bench/table.py
+
+echo "== bf16 products (p2pz --precision bf16) against torch in bfloat16 =="
+if target/release/p2pz bench --sizes 256,512 --repeats 1 --cases "$cases,guidance_b1" \
+    --precision bf16 --json bench/results/p2pz-bf16.json; then
+    "$python" bench/bench_diffusers.py --sizes 256,512 --repeats 1 --cases "$cases" --dtype bfloat16 \
+        --json bench/results/diffusers-bf16.json
+    target/release/p2pz bench --editor --sizes 256 --editor-steps 3 --precision bf16 \
+        | tee bench/results/editor-bf16.txt
+    "$python" bench/edit_diffusers.py --size 256 --steps 3 --dtype bfloat16 \
+        --json bench/results/edit_diffusers-bf16.json
+    rm -f target/bench-generate-bf16.png target/bench-generate-bf16.json
+    start=$(date +%s.%N)
+    target/release/p2pz generate --model "$model" --prompt "a photo of a cat" --width 256 --height 256 \
+        --steps 3 --precision bf16 --out target/bench-generate-bf16.png 2>/dev/null
+    echo "p2pz text-to-image 256x256, 3 steps, bf16 products: total $(awk "BEGIN { printf \"%.2f\", $(date +%s.%N) - $start }") s" \
+        | tee -a bench/results/generate.txt
+    "$python" bench/table.py bf16
+else
+    echo "(no AMX here: the bf16 comparison is skipped)"
+fi

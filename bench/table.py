@@ -1,10 +1,19 @@
-"""Prints the README's benchmark table from bench/results/{p2pz,diffusers}.json (bench/run.sh)."""
+"""Prints the README's benchmark table from bench/results/{p2pz,diffusers}.json (bench/run.sh).
+
+Usage: bench/table.py [bf16]   (bf16: p2pz's bf16 products against torch in bfloat16, from
+p2pz-bf16.json and diffusers-bf16.json)
+"""
 import json
 import pathlib
+import sys
 
 results = pathlib.Path(__file__).parent / "results"
-ours = {(r["case"], r["size"]): r for r in json.loads((results / "p2pz.json").read_text())}
-theirs = {(r["case"], r["size"]): r for r in json.loads((results / "diffusers.json").read_text())["results"]}
+suffix = "-bf16" if sys.argv[1:] == ["bf16"] else ""
+ours = {(r["case"], r["size"]): r for r in json.loads((results / f"p2pz{suffix}.json").read_text())}
+theirs = {
+    (r["case"], r["size"]): r
+    for r in json.loads((results / f"diffusers{suffix}.json").read_text())["results"]
+}
 names = {
     "unet_fwd_b1": "UNet forward, batch 1",
     "unet_fwd_b2": "UNet forward, batch 2 (CFG)",
