@@ -22,15 +22,18 @@ pub const TILE: usize = 16;
 /// Rows and columns of the output block one kernel call computes.
 pub const BLOCK: usize = 2 * TILE;
 
-/// `x` rounded to bf16 (to nearest, ties to even; NaN stays NaN).
+/// `x` rounded to bf16 (to nearest, ties to even; NaN stays NaN). Branch-free, so that loops of
+/// it vectorise.
 #[inline(always)]
 pub fn bf16(x: f32) -> u16 {
     let bits = x.to_bits();
-    if bits & 0x7fff_ffff > 0x7f80_0000 {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
-    (rounded >> 16) as u16
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x40;
+    (if bits & 0x7fff_ffff > 0x7f80_0000 {
+        quiet_nan
+    } else {
+        rounded
+    }) as u16
 }
 
 /// The f32 value of a bf16.
@@ -288,6 +291,32 @@ pub unsafe fn sum_of_products(
             }
         }
     });
+}
+
+/// [`sum_of_products`] on the calling thread only (for callers that are rayon tasks already).
+///
+/// # Safety
+/// As [`sum_of_products`].
+pub unsafe fn sum_of_products_here(
+    dst: *mut f32,
+    dst_stride: usize,
+    (m, n): (usize, usize),
+    k_blocks: usize,
+    terms: &[Term],
+    a: TileWalk,
+    b: TileWalk,
+) {
+    debug_assert!(m % BLOCK == 0 && n % BLOCK == 0);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        configure();
+        for mb in 0..m / BLOCK {
+            for nb in 0..n / BLOCK {
+                let at = dst.add(mb * BLOCK * dst_stride + nb * BLOCK);
+                block(at, dst_stride, (mb, nb), k_blocks, terms, a, b);
+            }
+        }
+    }
 }
 
 struct SendPtr(*mut f32);

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::matmul::{product, Matrix};
 use super::simd::{self, dispatch};
-use super::{tensor, with_f32};
+use super::{tensor, with_f32, Products};
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +45,13 @@ impl AttentionShape {
         })
     }
 
-    fn width(&self) -> usize {
+    pub(super) fn width(&self) -> usize {
         self.heads * self.head_dim
     }
 
     /// Queries per block: a block's scores fill about four megabytes (fewer, larger blocks pack
     /// the keys and values fewer times).
-    fn block(&self) -> usize {
+    pub(super) fn block(&self) -> usize {
         (1_048_576 / self.keys.max(1))
             .clamp(16, 1024)
             .min(self.queries.max(1))
@@ -62,7 +62,7 @@ dispatch! {
     /// Each row of `scores` (already scaled) becomes `exp(s − max)`, and its `1/Σ` goes to
     /// `inverse_sums`, so that the caller normalises whichever is smaller: the probabilities,
     /// or the output rows they are multiplied into.
-    fn exp_rows(scores: &mut [f32], row: usize, inverse_sums: &mut [f32]) {
+    pub(super) fn exp_rows(scores: &mut [f32], row: usize, inverse_sums: &mut [f32]) {
         for (r, inv) in scores.chunks_mut(row).zip(inverse_sums.iter_mut()) {
             let max = simd::max(r);
             let mut lanes = [0f32; simd::LANES];
@@ -114,21 +114,21 @@ dispatch! {
 
 /// Raw pointers shared by the tasks; each task writes only its own rows and head columns.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(super) struct Shared(pub(super) *mut f32);
 // SAFETY: tasks write disjoint elements through it (see each use).
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
     /// The pointer (a method, so that closures capture the whole `Shared`, which is `Sync`).
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
 /// One head of one image: where its `(tokens, d)` slice of a `(batch, tokens, heads·d)` tensor
 /// starts.
-fn head_offset(s: &AttentionShape, image: usize, tokens: usize, head: usize) -> usize {
+pub(super) fn head_offset(s: &AttentionShape, image: usize, tokens: usize, head: usize) -> usize {
     image * tokens * s.width() + head * s.head_dim
 }
 
@@ -201,15 +201,20 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
 }
 
 /// [`attend`] on f32 CPU tensors `q`: `(b, n, heads·d)`, `k`, `v`: `(b, m, heads·d)`, outside
-/// any graph.
+/// any graph, its products in `products`.
 pub fn attend_tensors(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     scale: f64,
+    products: Products,
 ) -> Result<Tensor> {
     let shape = AttentionShape::of(q, k, heads)?;
+    let attend = match products {
+        Products::F32 => attend,
+        Products::Bf16 => super::attention_amx::attend,
+    };
     let out = with_f32(q, |q| {
         with_f32(k, |k| with_f32(v, |v| attend(q, k, v, shape, scale as f32)))
     })???;

@@ -20,6 +20,7 @@
 pub mod allocator;
 pub mod amx;
 pub mod attention;
+mod attention_amx;
 pub mod conv;
 mod conv_amx;
 pub mod geglu;

@@ -30,6 +30,8 @@ pub struct Attention {
     scale: f64,
     kind: AttentionKind,
     name: String,
+    /// The precision of the CPU attention's products, chosen at load like the layers'.
+    products: cpu::Products,
 }
 
 /// `(b, n, heads·d)` → `(b·heads, n, d)`.
@@ -74,6 +76,7 @@ impl Attention {
             scale: 1.0 / ((inner / heads) as f64).sqrt(),
             kind,
             name,
+            products: cpu::products(),
         })
     }
 
@@ -110,7 +113,7 @@ impl Attention {
             _ if cpu::handles(x) => {
                 let q = self.to_q.forward(x)?;
                 let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
-                cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale)?
+                cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale, self.products)?
             }
             _ => {
                 let (q, k, v) = self.project(x, context)?;
@@ -194,7 +197,8 @@ impl Attention {
     fn recomputed_cpu(&self, x: &Tensor) -> Result<Tensor> {
         let x_detached = x.detach();
         let (q, k, v) = project_with(self, &x_detached)?;
-        let out = cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale)?;
+        let out =
+            cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale, self.products)?;
         let this = self.clone();
         with_vjp("self_attention", x, out, move |x, _, g| {
             let (q, k, v) = project_with(&this, &x.detach())?;

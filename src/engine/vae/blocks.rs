@@ -135,6 +135,8 @@ struct PixelAttention {
     to_v: Linear,
     to_out: Linear,
     scale: f64,
+    /// The precision of the CPU attention's products, chosen at load like the layers'.
+    products: cpu::Products,
 }
 
 /// A `(c, c)` projection stored as a linear layer or as a 1×1 convolution (older files).
@@ -160,6 +162,7 @@ impl PixelAttention {
             to_v: projection(vb.pp(names[2]), channels)?,
             to_out: projection(vb.pp(names[3]), channels)?,
             scale: 1.0 / (channels as f64).sqrt(),
+            products: cpu::products(),
         })
     }
 }
@@ -179,7 +182,7 @@ impl Module for PixelAttention {
             self.to_v.forward(&tokens)?,
         );
         let attended = if cpu::handles(&q) && !q.track_op() {
-            cpu::attention::attend_tensors(&q, &k, &v, 1, self.scale)?
+            cpu::attention::attend_tensors(&q, &k, &v, 1, self.scale, self.products)?
         } else if q.track_op() {
             // Differentiable: the probabilities stay in the graph.
             let scores = (q.matmul(&k.t()?)? * self.scale)?;
