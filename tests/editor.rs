@@ -19,7 +19,7 @@ use pix2pix_zero::edit::noise_reg::{
     auto_correlation, kl_divergence, NoiseRegularization, ReplayedShifts, ShiftRange,
 };
 use pix2pix_zero::edit::session::{Session, SessionHeader, SessionSource, SESSION_FORMAT};
-use pix2pix_zero::edit::{edit, EditSettings};
+use pix2pix_zero::edit::{edit, EditOutcome, EditSettings};
 use pix2pix_zero::engine::ddim::InverseSchedule;
 use pix2pix_zero::engine::vae::LatentDraw;
 use pix2pix_zero::engine::StableDiffusion;
@@ -283,10 +283,13 @@ fn image_01(model: &StableDiffusion, latent: &Tensor) -> Tensor {
         .unwrap()
 }
 
-fn check_edit(prefix: &str, start_key: &str) {
-    let model = tiny_model();
-    let r = reference();
-    let mut session = session_from(&model, get(&r, start_key));
+/// The reference's edit (λ_xa 0.1, CFG 5) of the inverted latent `start_key`, on `model`.
+fn edit_as_recorded(
+    model: &StableDiffusion,
+    r: &HashMap<String, Tensor>,
+    start_key: &str,
+) -> (EditOutcome, Session) {
+    let mut session = session_from(model, get(r, start_key));
     let settings = EditSettings {
         guidance: GuidanceParams {
             lambda_xa: 0.1,
@@ -295,14 +298,21 @@ fn check_edit(prefix: &str, start_key: &str) {
         strength: 1.0,
     };
     let outcome = edit(
-        &model,
+        model,
         &mut session,
-        &get(&r, "dir.delta"),
+        &get(r, "dir.delta"),
         &settings,
         &mut |_| {},
         &AtomicBool::new(false),
     )
     .unwrap();
+    (outcome, session)
+}
+
+fn check_edit(prefix: &str, start_key: &str) {
+    let model = tiny_model();
+    let r = reference();
+    let (outcome, session) = edit_as_recorded(&model, &r, start_key);
     let expected_loss = get(&r, &format!("{prefix}edit.loss"))
         .to_vec1::<f32>()
         .unwrap();
@@ -392,23 +402,7 @@ fn a_bf16_products_edit_stays_close_to_diffusers() {
         return;
     };
     let r = reference();
-    let mut session = session_from(&model, get(&r, "inv.x_inv"));
-    let settings = EditSettings {
-        guidance: GuidanceParams {
-            lambda_xa: 0.1,
-            guidance_scale: 5.0,
-        },
-        strength: 1.0,
-    };
-    let outcome = edit(
-        &model,
-        &mut session,
-        &get(&r, "dir.delta"),
-        &settings,
-        &mut |_| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let (outcome, _) = edit_as_recorded(&model, &r, "inv.x_inv");
     let expected_loss = get(&r, "edit.loss").to_vec1::<f32>().unwrap();
     for (k, (ours, theirs)) in outcome.losses.iter().zip(&expected_loss).enumerate() {
         let rel = (ours - *theirs as f64).abs() / (*theirs as f64).abs();

@@ -548,24 +548,13 @@ mod tests {
     use candle_core::Var;
 
     use super::*;
-    use crate::engine::cpu::test_support::{assert_close, random, values};
+    use crate::engine::cpu::test_support::{assert_close, random, values, CONV_CASES};
 
     /// Forward, bias, offset and input gradient against candle's conv2d and its autograd, on
     /// odd sizes, both strides, both kernels and several paddings.
     #[test]
     fn matches_candle_forward_and_input_gradient() {
-        // (n, c_in, c_out, h, w, kernel, padding, stride)
-        let cases = [
-            (1, 3, 5, 7, 9, 3, 1, 1),
-            (2, 4, 6, 8, 8, 3, 1, 2),
-            (1, 5, 3, 9, 6, 3, 0, 2),
-            (1, 4, 4, 11, 10, 3, 1, 2),
-            (2, 3, 4, 6, 7, 3, 2, 1),
-            (1, 8, 16, 5, 5, 1, 0, 1),
-            (2, 2, 3, 5, 4, 1, 0, 2),
-            (1, 17, 33, 13, 3, 3, 1, 1),
-        ];
-        for (seed, &(n, ci, co, h, w, k, p, s)) in cases.iter().enumerate() {
+        for (seed, &(n, ci, co, h, w, k, p, s)) in CONV_CASES.iter().enumerate() {
             let what = format!("n{n} ci{ci} co{co} {h}x{w} k{k} p{p} s{s}");
             let seed = seed as u64 * 10;
             let x = random(&[n, ci, h, w], seed);

@@ -285,7 +285,7 @@ impl PairPlanes {
 mod tests {
     use super::*;
     use crate::engine::cpu::amx::{enable, f32_of};
-    use crate::engine::cpu::test_support::{assert_close, random, values};
+    use crate::engine::cpu::test_support::{assert_close, random, values, CONV_CASES};
     use crate::engine::cpu::Products;
 
     /// Rounds every element to bf16, so f32 sums over the result are what the tiles compute.
@@ -301,18 +301,7 @@ mod tests {
             eprintln!("skipped: no AMX on this machine");
             return;
         }
-        // (n, c_in, c_out, h, w, kernel, padding, stride)
-        let cases = [
-            (1, 3, 5, 7, 9, 3, 1, 1),
-            (2, 4, 6, 8, 8, 3, 1, 2),
-            (1, 5, 3, 9, 6, 3, 0, 2),
-            (1, 40, 36, 11, 10, 3, 1, 2),
-            (2, 3, 4, 6, 7, 3, 2, 1),
-            (1, 8, 16, 5, 5, 1, 0, 1),
-            (2, 2, 3, 5, 4, 1, 0, 2),
-            (1, 70, 33, 13, 3, 3, 1, 1),
-        ];
-        for (seed, &(n, ci, co, h, w, k, p, s)) in cases.iter().enumerate() {
+        for (seed, &(n, ci, co, h, w, k, p, s)) in CONV_CASES.iter().enumerate() {
             let what = format!("n{n} ci{ci} co{co} {h}x{w} k{k} p{p} s{s}");
             let seed = seed as u64 * 10;
             let x = rounded(values(&random(&[n, ci, h, w], seed)));
