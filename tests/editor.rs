@@ -426,8 +426,8 @@ fn a_bf16_products_edit_stays_close_to_diffusers() {
 
 /// How far a bf16-products edit of the tiny model may be from diffusers' f32 one: relative loss
 /// per step, the largest difference of the edited image's pixels on a 0–1 scale, and the image's
-/// PSNR in dB. Measured: 1.7e-2, 3.8e-2 and 45.8 dB; the limits leave about 2× room (40 dB is
-/// 4× the squared error).
-const BF16_LOSS: f64 = 4e-2;
+/// PSNR in dB. Measured: 3.7e-2 (at step 1, where the loss is smallest), 4.7e-2 and 45.1 dB;
+/// the limits leave about 2× room (40 dB is 3× the squared error).
+const BF16_LOSS: f64 = 8e-2;
 const BF16_IMAGE: f32 = 8e-2;
 const BF16_PSNR: f32 = 40.0;

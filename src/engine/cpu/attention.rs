@@ -95,14 +95,14 @@ dispatch! {
 }
 
 /// Each row of `scores` (already scaled) becomes its softmax.
-fn softmax_rows(scores: &mut [f32], row: usize, inverse_sums: &mut [f32]) {
+pub(super) fn softmax_rows(scores: &mut [f32], row: usize, inverse_sums: &mut [f32]) {
     exp_rows(scores, row, inverse_sums);
     scale_rows(scores, row, inverse_sums);
 }
 
 dispatch! {
     /// `ds = p ⊙ (dp − Σ_row dp⊙p) · scale`, in place of `dp`.
-    fn softmax_grad_rows(dp: &mut [f32], p: &[f32], row: usize, scale: f32) {
+    pub(super) fn softmax_grad_rows(dp: &mut [f32], p: &[f32], row: usize, scale: f32) {
         for (d, p) in dp.chunks_mut(row).zip(p.chunks(row)) {
             let inner = simd::sum_zip(d, p, |a, b| a * b) as f32;
             for (d, p) in d.iter_mut().zip(p) {
@@ -219,6 +219,22 @@ pub fn attend_tensors(
         with_f32(k, |k| with_f32(v, |v| attend(q, k, v, shape, scale as f32)))
     })???;
     tensor(out, q.shape())
+}
+
+/// [`attend_backward`] with its products in `products`.
+pub fn attend_backward_in(
+    products: Products,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    s: AttentionShape,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    match products {
+        Products::F32 => attend_backward(q, k, v, g, s, scale),
+        Products::Bf16 => super::attention_amx::attend_backward(q, k, v, g, s, scale),
+    }
 }
 
 /// `(∂L/∂q, ∂L/∂k, ∂L/∂v)` of [`attend`] given `∂L/∂out` (`g`, the shape of `q`).

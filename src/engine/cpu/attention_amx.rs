@@ -5,13 +5,16 @@
 //! block of queries of one head, rounds them (scaled) to bf16, computes its scores, softmaxes
 //! them in place, rounds the probabilities to bf16 and multiplies them into the output rows, which
 //! it normalises as the f32 path does.
+//!
+//! The backward follows [`super::attention::attend_backward`]: one task per head, each block's
+//! probabilities recomputed, its five products on the tiles and the softmax's gradient in f32.
 
 use rayon::prelude::*;
 
 use super::amx::{
     bf16, round_up, sum_of_products_here, PackedB, Term, TileWalk, BLOCK, TILE, TILE_K,
 };
-use super::attention::{head_offset, AttentionShape, Shared};
+use super::attention::{head_offset, softmax_grad_rows, softmax_rows, AttentionShape, Shared};
 use super::simd::{self, dispatch};
 
 dispatch! {
@@ -149,6 +152,293 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
     out
 }
 
+dispatch! {
+    /// Rounds `x` to bf16 into `dst`.
+    fn to_bf16(x: &[f32], dst: &mut [u16]) {
+        for (d, v) in dst.iter_mut().zip(x) {
+            *d = bf16(*v);
+        }
+    }
+}
+
+dispatch! {
+    /// Rows `2r` and `2r + 1` of `x` (`stride` wide) interleaved element by element into row `r`
+    /// of `dst`, bf16: the `b`-tile layout of `x` as a `(padded_rows, stride)` operand whose rows
+    /// past `rows` are zero.
+    fn row_pairs(x: &[f32], rows: usize, padded_rows: usize, stride: usize, dst: &mut [u16]) {
+        for (pair, out) in dst.chunks_mut(2 * stride).take(padded_rows / 2).enumerate() {
+            if 2 * pair >= rows {
+                out.fill(0);
+                continue;
+            }
+            let first = &x[2 * pair * stride..(2 * pair + 1) * stride];
+            if 2 * pair + 1 < rows {
+                let second = &x[(2 * pair + 1) * stride..(2 * pair + 2) * stride];
+                for ((o, a), b) in out.chunks_exact_mut(2).zip(first).zip(second) {
+                    o[0] = bf16(*a);
+                    o[1] = bf16(*b);
+                }
+            } else {
+                for (o, a) in out.chunks_exact_mut(2).zip(first) {
+                    o[0] = bf16(*a);
+                    o[1] = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Where the tiles of [`row_pairs`]' output lie.
+fn pairs_walk(stride: usize) -> TileWalk {
+    TileWalk {
+        row_stride: stride * 4,
+        tile_step: TILE * 4,
+        k_step: TILE * stride * 4,
+    }
+}
+
+/// Head columns `0..d` of `rows` rows of `x` (rows `w` apart from `at`), transposed into `dst`
+/// as bf16 rows `dst_stride` long: `dst[j][i] = x[at + i·w + j]`.
+fn columns_to_bf16(
+    x: &[f32],
+    at: usize,
+    (rows, d, w): (usize, usize, usize),
+    dst: &mut [u16],
+    dst_stride: usize,
+) {
+    for (i, src) in (0..rows)
+        .map(|i| &x[at + i * w..at + i * w + d])
+        .enumerate()
+    {
+        for (j, v) in src.iter().enumerate() {
+            dst[j * dst_stride + i] = bf16(*v);
+        }
+    }
+}
+
+/// `dst (m × n) = a · b` on this thread, `a` row-major bf16 with `a_columns` columns.
+///
+/// # Safety
+/// `a` must hold `m` rows of `b.k_blocks()·32` elements (`a_columns` apart), `dst` `m × n` f32,
+/// and `m`, `n` be multiples of [`BLOCK`] within `b`'s padded columns.
+unsafe fn rows_times(
+    dst: &mut [f32],
+    (m, n): (usize, usize),
+    a: &[u16],
+    a_columns: usize,
+    b: &PackedB,
+) {
+    debug_assert!(dst.len() >= m * n && a.len() >= m * a_columns);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        sum_of_products_here(
+            dst.as_mut_ptr(),
+            n,
+            (m, n),
+            b.k_blocks(),
+            &[Term {
+                a: a.as_ptr().cast(),
+                b: b.as_ptr(),
+            }],
+            rows_walk(a_columns),
+            b.walk(),
+        )
+    }
+}
+
+/// `dst (m × n) = a · b` on this thread, `a` row-major bf16 (`a_columns` wide), `b` as
+/// [`row_pairs`] wrote it (`n` wide, `a_columns` rows).
+///
+/// # Safety
+/// The operands must hold those sizes, and `m`, `n`, `a_columns` be multiples of [`BLOCK`].
+unsafe fn columns_times_pairs(
+    dst: &mut [f32],
+    (m, n): (usize, usize),
+    a: &[u16],
+    a_columns: usize,
+    b: &[u16],
+) {
+    debug_assert!(dst.len() >= m * n && a.len() >= m * a_columns && b.len() >= a_columns * n);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        sum_of_products_here(
+            dst.as_mut_ptr(),
+            n,
+            (m, n),
+            a_columns / TILE_K,
+            &[Term {
+                a: a.as_ptr().cast(),
+                b: b.as_ptr().cast(),
+            }],
+            rows_walk(a_columns),
+            pairs_walk(n),
+        )
+    }
+}
+
+/// `(∂L/∂q, ∂L/∂k, ∂L/∂v)` of [`attend`], as [`super::attention::attend_backward`], on the tiles.
+pub fn attend_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    s: AttentionShape,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (w, d) = (s.width(), s.head_dim);
+    assert_eq!(g.len(), q.len(), "attention backward: gradient size");
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; q.len()],
+        vec![0f32; k.len()],
+        vec![0f32; v.len()],
+    );
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        Shared(dq.as_mut_ptr()),
+        Shared(dk.as_mut_ptr()),
+        Shared(dv.as_mut_ptr()),
+    );
+    let (d_padded, keys_padded, d_out) = (
+        round_up(d, TILE_K),
+        round_up(s.keys, BLOCK),
+        round_up(d, BLOCK),
+    );
+    let block = round_up(s.block(), BLOCK);
+    (0..s.batch * s.heads).into_par_iter().for_each(|task| {
+        let (image, head) = (task / s.heads, task % s.heads);
+        let kv_at = head_offset(&s, image, s.keys, head);
+        let k_t = PackedB::pack(d, s.keys, |j, key| k[kv_at + key * w + j]);
+        let v_t = PackedB::pack(d, s.keys, |j, key| v[kv_at + key * w + j]);
+        let k_rows = PackedB::pack(s.keys, d, |key, j| k[kv_at + key * w + j]);
+        let mut rows_bf16 = vec![0u16; block * d_padded];
+        let mut p = vec![0f32; block * keys_padded];
+        let mut dp = vec![0f32; block * keys_padded];
+        let mut wide_bf16 = vec![0u16; block * keys_padded];
+        let mut inverse_sums = vec![0f32; block];
+        let mut narrow = vec![0f32; keys_padded.max(block) * d_out];
+        let mut columns = vec![0u16; d_out * block];
+        let (mut dk_sum, mut dv_sum) = (
+            vec![0f32; keys_padded * d_out],
+            vec![0f32; keys_padded * d_out],
+        );
+        for start in (0..s.queries).step_by(block) {
+            let rows = block.min(s.queries - start);
+            let rows_padded = round_up(rows, BLOCK);
+            let q_at = head_offset(&s, image, s.queries, head) + start * w;
+            let row = |i: usize| q_at + i * w..q_at + i * w + d;
+            // SAFETY (every `rows_times` below): the bf16 rows hold `rows_padded` rows of their
+            // operand's padded `k`, the outputs `rows_padded` or `keys_padded` rows of the
+            // padded width; padding rows and columns are zero or finite leftovers that meet
+            // zero padding in the other operand.
+            for i in 0..rows {
+                scaled_to_bf16(
+                    &q[row(i)],
+                    scale,
+                    &mut rows_bf16[i * d_padded..(i + 1) * d_padded],
+                );
+            }
+            unsafe {
+                rows_times(
+                    &mut p,
+                    (rows_padded, keys_padded),
+                    &rows_bf16,
+                    d_padded,
+                    &k_t,
+                )
+            };
+            for i in 0..rows {
+                let row = &mut p[i * keys_padded..i * keys_padded + s.keys];
+                softmax_rows(row, s.keys, &mut inverse_sums[i..i + 1]);
+            }
+            // ∂vᵀ += gᵀ·p
+            columns_to_bf16(g, q_at, (rows, d, w), &mut columns, rows_padded);
+            row_pairs(&p, rows, rows_padded, keys_padded, &mut wide_bf16);
+            // SAFETY: `columns` is `d_out × rows_padded`, the pairs `rows_padded × keys_padded`.
+            unsafe {
+                columns_times_pairs(
+                    &mut narrow,
+                    (d_out, keys_padded),
+                    &columns,
+                    rows_padded,
+                    &wide_bf16,
+                )
+            };
+            add(&mut dv_sum, &narrow[..d_out * keys_padded]);
+            // ∂p = g·vᵀ, then ∂s in place.
+            for i in 0..rows {
+                to_bf16(&g[row(i)], &mut rows_bf16[i * d_padded..(i + 1) * d_padded]);
+            }
+            unsafe {
+                rows_times(
+                    &mut dp,
+                    (rows_padded, keys_padded),
+                    &rows_bf16,
+                    d_padded,
+                    &v_t,
+                )
+            };
+            for i in 0..rows {
+                let range = i * keys_padded..i * keys_padded + s.keys;
+                softmax_grad_rows(&mut dp[range.clone()], &p[range], s.keys, scale);
+            }
+            // ∂q = ∂s·k
+            for i in 0..rows {
+                let range = i * keys_padded..i * keys_padded + s.keys;
+                to_bf16(&dp[range.clone()], &mut wide_bf16[range]);
+            }
+            unsafe {
+                rows_times(
+                    &mut narrow,
+                    (rows_padded, d_out),
+                    &wide_bf16,
+                    keys_padded,
+                    &k_rows,
+                )
+            };
+            // SAFETY: this task alone writes head `head` of image `image` in `dq`, `dk`, `dv`.
+            unsafe {
+                for i in 0..rows {
+                    for j in 0..d {
+                        *dq_ptr.get().add(q_at + i * w + j) = narrow[i * d_out + j];
+                    }
+                }
+            }
+            // ∂kᵀ += qᵀ·∂s
+            columns_to_bf16(q, q_at, (rows, d, w), &mut columns, rows_padded);
+            row_pairs(&dp, rows, rows_padded, keys_padded, &mut wide_bf16);
+            // SAFETY: as for ∂v.
+            unsafe {
+                columns_times_pairs(
+                    &mut narrow,
+                    (d_out, keys_padded),
+                    &columns,
+                    rows_padded,
+                    &wide_bf16,
+                )
+            };
+            add(&mut dk_sum, &narrow[..d_out * keys_padded]);
+        }
+        // SAFETY: as above.
+        unsafe {
+            for key in 0..s.keys {
+                for j in 0..d {
+                    *dk_ptr.get().add(kv_at + key * w + j) = dk_sum[j * keys_padded + key];
+                    *dv_ptr.get().add(kv_at + key * w + j) = dv_sum[j * keys_padded + key];
+                }
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+dispatch! {
+    /// `sum += x`.
+    fn add(sum: &mut [f32], x: &[f32]) {
+        for (s, v) in sum.iter_mut().zip(x) {
+            *s += v;
+        }
+    }
+}
+
 /// One task's buffers, reused from block to block.
 struct Scratch {
     /// `block × d_padded` bf16 queries (zero past `d`).
@@ -182,12 +472,17 @@ mod tests {
 
     /// Against the f32 path, on a head width and key counts that need padding.
     #[test]
-    fn matches_the_f32_attention_within_bf16_rounding() {
+    fn matches_the_f32_attention_and_its_gradients_within_bf16_rounding() {
         if enable().is_err() {
             eprintln!("skipped: no AMX on this machine");
             return;
         }
-        for (batch, queries, keys, heads, head_dim) in [(2, 77, 45, 3, 40), (1, 300, 300, 2, 80)] {
+        // The last: several blocks of queries, the last one partial.
+        for (batch, queries, keys, heads, head_dim) in [
+            (2, 77, 45, 3, 40),
+            (1, 300, 300, 2, 80),
+            (1, 300, 4100, 1, 40),
+        ] {
             let s = AttentionShape {
                 batch,
                 queries,
@@ -203,6 +498,16 @@ mod tests {
             let ours = attend(&q, &k, &v, s, scale);
             let exact = super::super::attention::attend(&q, &k, &v, s, scale);
             assert_close(&ours, &exact, 2e-2, &format!("{s:?}"));
+            let g = values(&random(&[batch * queries * w], 4));
+            let ours = attend_backward(&q, &k, &v, &g, s, scale);
+            let exact = super::super::attention::attend_backward(&q, &k, &v, &g, s, scale);
+            for (name, a, b) in [
+                ("dq", &ours.0, &exact.0),
+                ("dk", &ours.1, &exact.1),
+                ("dv", &ours.2, &exact.2),
+            ] {
+                assert_close(a, b, 3e-2, &format!("{name} {s:?}"));
+            }
         }
     }
 }

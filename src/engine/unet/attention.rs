@@ -203,12 +203,12 @@ impl Attention {
         with_vjp("self_attention", x, out, move |x, _, g| {
             let (q, k, v) = project_with(&this, &x.detach())?;
             let shape = AttentionShape::of(&q, &k, this.heads)?;
-            let scale = this.scale as f32;
+            let (scale, products) = (this.scale as f32, this.products);
             let (dq, dk, dv) = cpu::with_f32(&q, |q| {
                 cpu::with_f32(&k, |k| {
                     cpu::with_f32(&v, |v| {
                         cpu::with_f32(g, |g| {
-                            cpu::attention::attend_backward(q, k, v, g, shape, scale)
+                            cpu::attention::attend_backward_in(products, q, k, v, g, shape, scale)
                         })
                     })
                 })
