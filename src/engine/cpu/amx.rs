@@ -54,6 +54,14 @@ pub fn enable() -> Result<(), String> {
     STATE.get_or_init(request).clone()
 }
 
+/// Panics, saying why, unless [`enable`] succeeds: what packs weights for the tiles calls it, so
+/// that no tile instruction can run where the CPU or the OS lacks them.
+pub fn require() {
+    if let Err(why) = enable() {
+        panic!("bf16 products on AMX tiles: {why}");
+    }
+}
+
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn request() -> Result<(), String> {
     // CPUID leaf 7 (when the CPU has it): EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.

@@ -213,7 +213,10 @@ pub fn attend_tensors(
     let shape = AttentionShape::of(q, k, heads)?;
     let attend = match products {
         Products::F32 => attend,
-        Products::Bf16 => super::attention_amx::attend,
+        Products::Bf16 => {
+            super::amx::enable().map_err(candle_core::Error::Msg)?;
+            super::attention_amx::attend
+        }
     };
     let out = with_f32(q, |q| {
         with_f32(k, |k| with_f32(v, |v| attend(q, k, v, shape, scale as f32)))
@@ -233,7 +236,10 @@ pub fn attend_backward_in(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     match products {
         Products::F32 => attend_backward(q, k, v, g, s, scale),
-        Products::Bf16 => super::attention_amx::attend_backward(q, k, v, g, s, scale),
+        Products::Bf16 => {
+            super::amx::require();
+            super::attention_amx::attend_backward(q, k, v, g, s, scale)
+        }
     }
 }
 

@@ -36,6 +36,7 @@ impl Clone for TileTaps {
 impl TileTaps {
     /// Packs a PyTorch-layout kernel `(c_out, c_in, k, k)`.
     pub fn pack(weight: &[f32], c_out: usize, c_in: usize, kernel: usize) -> Self {
+        super::amx::require();
         let taps_n = kernel * kernel;
         let taps = (0..taps_n)
             .map(|tap| PackedA::pack(c_out, c_in, |o, i| weight[(o * c_in + i) * taps_n + tap]))

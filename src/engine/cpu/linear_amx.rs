@@ -22,6 +22,7 @@ impl TileLinear {
     /// Packs a row-major `(out_features, in_features)` weight.
     pub fn pack(weight: &[f32], out_features: usize, in_features: usize) -> Self {
         assert_eq!(weight.len(), out_features * in_features, "weight size");
+        super::amx::require();
         Self {
             transposed: PackedB::pack(in_features, out_features, |i, o| {
                 weight[o * in_features + i]
