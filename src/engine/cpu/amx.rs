@@ -116,40 +116,69 @@ pub struct TileWalk {
     pub k_step: usize,
 }
 
-/// A row-major matrix packed into `a` tiles: `[m/16][k/32][16][32]` bf16, zero-padded.
+/// Which side of a product a packed matrix is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// `a`: rows of 32 `k` values, `[m/16][k/32][16][32]`.
+    A,
+    /// `b`: 16 rows of column pairs, `[n/16][k/32][16 pairs][16][2]`.
+    B,
+}
+
+impl Operand {
+    /// Where element `(i, kk)` of a tile lies in it: `i` along `m` (for `a`) or `n` (for `b`),
+    /// `kk` along `k`.
+    fn slot(self, i: usize, kk: usize) -> usize {
+        match self {
+            Self::A => i * TILE_K + kk,
+            Self::B => (kk / 2) * 2 * TILE + 2 * i + kk % 2,
+        }
+    }
+}
+
+/// A matrix packed into tiles for one side of a product, bf16, zero-padded to whole blocks.
 #[derive(Debug, Clone)]
-pub struct PackedA {
+pub struct Tiles {
     data: Vec<u16>,
-    /// Rows before padding.
+    operand: Operand,
+    /// Rows before padding (`m` for `a`, `k` for `b`).
     pub rows: usize,
-    /// Columns (`k`) before padding.
+    /// Columns before padding (`k` for `a`, `n` for `b`).
     pub cols: usize,
     k_blocks: usize,
 }
 
-impl PackedA {
-    /// Packs the `rows × cols` matrix whose element `(r, c)` is `at(r, c)`.
-    pub fn pack(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        let k_blocks = cols.div_ceil(TILE_K);
+impl Tiles {
+    /// Packs the `rows × cols` matrix whose element `(r, c)` is `at(r, c)` as `operand`.
+    pub fn pack(
+        operand: Operand,
+        rows: usize,
+        cols: usize,
+        at: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Self {
+        let (outer, depth) = match operand {
+            Operand::A => (rows, cols),
+            Operand::B => (cols, rows),
+        };
+        let k_blocks = depth.div_ceil(TILE_K);
         let tile = TILE * TILE_K;
-        let mut data = vec![0u16; round_up(rows, BLOCK) / TILE * k_blocks * tile];
+        let mut data = vec![0u16; round_up(outer, BLOCK) / TILE * k_blocks * tile];
         data.par_chunks_mut(tile).enumerate().for_each(|(t, dst)| {
-            let (mt, kb) = (t / k_blocks, t % k_blocks);
-            for (i, row) in dst.chunks_mut(TILE_K).enumerate() {
-                let r = mt * TILE + i;
-                if r >= rows {
-                    break;
-                }
-                for (j, d) in row.iter_mut().enumerate() {
-                    let c = kb * TILE_K + j;
-                    if c < cols {
-                        *d = bf16(at(r, c));
-                    }
+            let (ot, kb) = (t / k_blocks, t % k_blocks);
+            for i in 0..TILE.min(outer.saturating_sub(ot * TILE)) {
+                for kk in 0..TILE_K.min(depth - kb * TILE_K) {
+                    let (o, k) = (ot * TILE + i, kb * TILE_K + kk);
+                    let value = match operand {
+                        Operand::A => at(o, k),
+                        Operand::B => at(k, o),
+                    };
+                    dst[operand.slot(i, kk)] = bf16(value);
                 }
             }
         });
         Self {
             data,
+            operand,
             rows,
             cols,
             k_blocks,
@@ -158,85 +187,24 @@ impl PackedA {
 
     /// Element `(r, c)` as f32 (what the products use).
     pub fn get(&self, r: usize, c: usize) -> f32 {
-        let (mt, i, kb, j) = (r / TILE, r % TILE, c / TILE_K, c % TILE_K);
-        f32_of(self.data[((mt * self.k_blocks + kb) * TILE + i) * TILE_K + j])
+        let (o, k) = match self.operand {
+            Operand::A => (r, c),
+            Operand::B => (c, r),
+        };
+        let tile = (o / TILE * self.k_blocks + k / TILE_K) * TILE * TILE_K;
+        f32_of(self.data[tile + self.operand.slot(o % TILE, k % TILE_K)])
     }
 
-    /// The `k` blocks of a row of tiles.
+    /// The `k` blocks of a row (for `a`) or column (for `b`) of tiles.
     pub fn k_blocks(&self) -> usize {
         self.k_blocks
     }
 
-    /// Where its tiles lie.
+    /// Where its tiles lie (the same for both sides: tiles of 16 rows of 64 bytes, one after
+    /// the other along `k`).
     pub fn walk(&self) -> TileWalk {
         TileWalk {
             row_stride: TILE_K * 2,
-            tile_step: self.k_blocks * TILE * TILE_K * 2,
-            k_step: TILE * TILE_K * 2,
-        }
-    }
-
-    /// The first tile.
-    pub fn as_ptr(&self) -> *const u8 {
-        self.data.as_ptr().cast()
-    }
-}
-
-/// A matrix packed into `b` tiles: `[n/16][k/32][16 pairs][16][2]` bf16, zero-padded.
-#[derive(Debug, Clone)]
-pub struct PackedB {
-    data: Vec<u16>,
-    /// Rows (`k`) before padding.
-    pub rows: usize,
-    /// Columns before padding.
-    pub cols: usize,
-    k_blocks: usize,
-}
-
-impl PackedB {
-    /// Packs the `rows × cols` matrix whose element `(k, c)` is `at(k, c)`.
-    pub fn pack(rows: usize, cols: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        let k_blocks = rows.div_ceil(TILE_K);
-        let tile = TILE * TILE_K;
-        let mut data = vec![0u16; round_up(cols, BLOCK) / TILE * k_blocks * tile];
-        data.par_chunks_mut(tile).enumerate().for_each(|(t, dst)| {
-            let (nt, kb) = (t / k_blocks, t % k_blocks);
-            for (pair, row) in dst.chunks_mut(2 * TILE).enumerate() {
-                for (j, d) in row.chunks_mut(2).enumerate() {
-                    let c = nt * TILE + j;
-                    for (half, v) in d.iter_mut().enumerate() {
-                        let k = kb * TILE_K + 2 * pair + half;
-                        if k < rows && c < cols {
-                            *v = bf16(at(k, c));
-                        }
-                    }
-                }
-            }
-        });
-        Self {
-            data,
-            rows,
-            cols,
-            k_blocks,
-        }
-    }
-
-    /// Element `(k, c)` as f32.
-    pub fn get(&self, k: usize, c: usize) -> f32 {
-        let (nt, j, kb, kk) = (c / TILE, c % TILE, k / TILE_K, k % TILE_K);
-        let tile = (nt * self.k_blocks + kb) * TILE * TILE_K;
-        f32_of(self.data[tile + (kk / 2) * 2 * TILE + 2 * j + kk % 2])
-    }
-
-    /// The `k` blocks of a column of tiles.
-    pub fn k_blocks(&self) -> usize {
-        self.k_blocks
-    }
-
-    /// Where its tiles lie.
-    pub fn walk(&self) -> TileWalk {
-        TileWalk {
-            row_stride: TILE * 4,
             tile_step: self.k_blocks * TILE * TILE_K * 2,
             k_step: TILE * TILE_K * 2,
         }
@@ -469,11 +437,11 @@ mod tests {
         let (m, n, k) = (37, 45, 70);
         let x = values(&random(&[2 * m * k], 1));
         let y = values(&random(&[2 * k * n], 2));
-        let a: Vec<PackedA> = (0..2)
-            .map(|t| PackedA::pack(m, k, |r, c| x[t * m * k + r * k + c]))
+        let a: Vec<Tiles> = (0..2)
+            .map(|t| Tiles::pack(Operand::A, m, k, |r, c| x[t * m * k + r * k + c]))
             .collect();
-        let b: Vec<PackedB> = (0..2)
-            .map(|t| PackedB::pack(k, n, |r, c| y[t * k * n + r * n + c]))
+        let b: Vec<Tiles> = (0..2)
+            .map(|t| Tiles::pack(Operand::B, k, n, |r, c| y[t * k * n + r * n + c]))
             .collect();
         let (mp, np) = (round_up(m, BLOCK), round_up(n, BLOCK));
         let mut dst = vec![0f32; mp * np];

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::amx::{
-    bf16, round_up, sum_of_products_here, PackedB, Term, TileWalk, BLOCK, TILE, TILE_K,
+    bf16, round_up, sum_of_products_here, Operand, Term, TileWalk, Tiles, BLOCK, TILE, TILE_K,
 };
 use super::attention::{head_offset, softmax_grad_rows, softmax_rows, AttentionShape, Shared};
 use super::simd::{self, dispatch};
@@ -66,13 +66,13 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape, scale: f32) ->
     assert_eq!(q.len(), s.batch * s.queries * w, "attention: query size");
     assert_eq!(k.len(), s.batch * s.keys * w, "attention: key size");
     assert_eq!(v.len(), k.len(), "attention: value size");
-    let packed: Vec<(PackedB, PackedB)> = (0..s.batch * s.heads)
+    let packed: Vec<(Tiles, Tiles)> = (0..s.batch * s.heads)
         .into_par_iter()
         .map(|task| {
             let at = head_offset(&s, task / s.heads, s.keys, task % s.heads);
             (
-                PackedB::pack(d, s.keys, |j, key| k[at + key * w + j]),
-                PackedB::pack(s.keys, d, |key, j| v[at + key * w + j]),
+                Tiles::pack(Operand::B, d, s.keys, |j, key| k[at + key * w + j]),
+                Tiles::pack(Operand::B, s.keys, d, |key, j| v[at + key * w + j]),
             )
         })
         .collect();
@@ -226,7 +226,7 @@ unsafe fn rows_times(
     (m, n): (usize, usize),
     a: &[u16],
     a_columns: usize,
-    b: &PackedB,
+    b: &Tiles,
 ) {
     debug_assert!(dst.len() >= m * n && a.len() >= m * a_columns);
     // SAFETY: forwarded from the caller.
@@ -276,6 +276,57 @@ unsafe fn columns_times_pairs(
     }
 }
 
+/// `sum += xᵀ·y` for one block of queries on the tiles, where `x` is the block's head columns
+/// and `y` its `rows × keys_padded` f32 rows: a key or value gradient, transposed
+/// (`d_out × keys_padded`).
+struct TransposedProducts {
+    columns: Vec<u16>,
+    pairs: Vec<u16>,
+    out: Vec<f32>,
+    /// Head width, tensor width, and head width padded to whole blocks.
+    widths: (usize, usize, usize),
+    keys_padded: usize,
+}
+
+impl TransposedProducts {
+    fn new(block: usize, widths: (usize, usize, usize), keys_padded: usize) -> Self {
+        Self {
+            columns: vec![0; widths.2 * block],
+            pairs: vec![0; block * keys_padded],
+            out: vec![0.0; widths.2 * keys_padded],
+            widths,
+            keys_padded,
+        }
+    }
+
+    /// Adds the block's product to `sum`; `x`'s rows start at `at`, `rows` of them
+    /// (`rows_padded` with the padding).
+    fn add(
+        &mut self,
+        sum: &mut [f32],
+        x: &[f32],
+        at: usize,
+        y: &[f32],
+        (rows, rows_padded): (usize, usize),
+    ) {
+        let (d, w, d_out) = self.widths;
+        columns_to_bf16(x, at, (rows, d, w), &mut self.columns, rows_padded);
+        row_pairs(y, rows, rows_padded, self.keys_padded, &mut self.pairs);
+        // SAFETY: `columns` is `d_out × rows_padded`, the pairs `rows_padded × keys_padded`;
+        // columns past `rows` meet the zero pairs past it.
+        unsafe {
+            columns_times_pairs(
+                &mut self.out,
+                (d_out, self.keys_padded),
+                &self.columns,
+                rows_padded,
+                &self.pairs,
+            )
+        };
+        add(sum, &self.out);
+    }
+}
+
 /// `(∂L/∂q, ∂L/∂k, ∂L/∂v)` of [`attend`], as [`super::attention::attend_backward`], on the tiles.
 pub fn attend_backward(
     q: &[f32],
@@ -306,16 +357,16 @@ pub fn attend_backward(
     (0..s.batch * s.heads).into_par_iter().for_each(|task| {
         let (image, head) = (task / s.heads, task % s.heads);
         let kv_at = head_offset(&s, image, s.keys, head);
-        let k_t = PackedB::pack(d, s.keys, |j, key| k[kv_at + key * w + j]);
-        let v_t = PackedB::pack(d, s.keys, |j, key| v[kv_at + key * w + j]);
-        let k_rows = PackedB::pack(s.keys, d, |key, j| k[kv_at + key * w + j]);
+        let k_t = Tiles::pack(Operand::B, d, s.keys, |j, key| k[kv_at + key * w + j]);
+        let v_t = Tiles::pack(Operand::B, d, s.keys, |j, key| v[kv_at + key * w + j]);
+        let k_rows = Tiles::pack(Operand::B, s.keys, d, |key, j| k[kv_at + key * w + j]);
         let mut rows_bf16 = vec![0u16; block * d_padded];
         let mut p = vec![0f32; block * keys_padded];
         let mut dp = vec![0f32; block * keys_padded];
         let mut wide_bf16 = vec![0u16; block * keys_padded];
         let mut inverse_sums = vec![0f32; block];
         let mut narrow = vec![0f32; keys_padded.max(block) * d_out];
-        let mut columns = vec![0u16; d_out * block];
+        let mut transposed = TransposedProducts::new(block, (d, w, d_out), keys_padded);
         let (mut dk_sum, mut dv_sum) = (
             vec![0f32; keys_padded * d_out],
             vec![0f32; keys_padded * d_out],
@@ -350,19 +401,7 @@ pub fn attend_backward(
                 softmax_rows(row, s.keys, &mut inverse_sums[i..i + 1]);
             }
             // ∂vᵀ += gᵀ·p
-            columns_to_bf16(g, q_at, (rows, d, w), &mut columns, rows_padded);
-            row_pairs(&p, rows, rows_padded, keys_padded, &mut wide_bf16);
-            // SAFETY: `columns` is `d_out × rows_padded`, the pairs `rows_padded × keys_padded`.
-            unsafe {
-                columns_times_pairs(
-                    &mut narrow,
-                    (d_out, keys_padded),
-                    &columns,
-                    rows_padded,
-                    &wide_bf16,
-                )
-            };
-            add(&mut dv_sum, &narrow[..d_out * keys_padded]);
+            transposed.add(&mut dv_sum, g, q_at, &p, (rows, rows_padded));
             // ∂p = g·vᵀ, then ∂s in place.
             for i in 0..rows {
                 to_bf16(&g[row(i)], &mut rows_bf16[i * d_padded..(i + 1) * d_padded]);
@@ -403,19 +442,7 @@ pub fn attend_backward(
                 }
             }
             // ∂kᵀ += qᵀ·∂s
-            columns_to_bf16(q, q_at, (rows, d, w), &mut columns, rows_padded);
-            row_pairs(&dp, rows, rows_padded, keys_padded, &mut wide_bf16);
-            // SAFETY: as for ∂v.
-            unsafe {
-                columns_times_pairs(
-                    &mut narrow,
-                    (d_out, keys_padded),
-                    &columns,
-                    rows_padded,
-                    &wide_bf16,
-                )
-            };
-            add(&mut dk_sum, &narrow[..d_out * keys_padded]);
+            transposed.add(&mut dk_sum, q, q_at, &dp, (rows, rows_padded));
         }
         // SAFETY: as above.
         unsafe {

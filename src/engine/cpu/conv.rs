@@ -110,13 +110,9 @@ impl Phases {
                 let (a, b) = (phase / stride, phase % stride);
                 let src = &x[channel * h * w..(channel + 1) * h * w];
                 for i in 0..rows {
-                    // Padded row `s·i + a` is source row `s·i + a − pad_before`.
-                    let Some(r) = (stride * i + a).checked_sub(pad_before) else {
+                    let Some(r) = phase_source((stride, a), i, pad_before, h) else {
                         continue;
                     };
-                    if r >= h {
-                        break;
-                    }
                     let row = &src[r * w..(r + 1) * w];
                     let dst_row = &mut dst[i * width..(i + 1) * width];
                     if stride == 1 {
@@ -125,10 +121,8 @@ impl Phases {
                         dst_row[start..start + len].copy_from_slice(&row[..len]);
                     } else {
                         for (j, d) in dst_row.iter_mut().enumerate() {
-                            if let Some(col) = (stride * j + b).checked_sub(pad_before) {
-                                if col < w {
-                                    *d = row[col];
-                                }
+                            if let Some(col) = phase_source((stride, b), j, pad_before, w) {
+                                *d = row[col];
                             }
                         }
                     }
@@ -467,6 +461,19 @@ impl PackedConv {
     }
 }
 
+/// Where element `index` of the phase at `offset` (every `stride`-th element from there) of a
+/// signal padded by `pad` at its start comes from in the `len` unpadded ones, if anywhere.
+pub(super) fn phase_source(
+    (stride, offset): (usize, usize),
+    index: usize,
+    pad: usize,
+    len: usize,
+) -> Option<usize> {
+    (stride * index + offset)
+        .checked_sub(pad)
+        .filter(|&i| i < len)
+}
+
 /// What the last pass of a forward adds to every pixel of a channel: the bias and a per-image
 /// offset (`extra[image, channel]`).
 #[derive(Debug, Clone, Copy)]
@@ -519,12 +526,9 @@ pub(super) fn scatter_phase(
         .zip(wide_out.par_chunks(stride))
         .for_each(|(dst, src)| {
             for i in 0..phase_h {
-                let Some(r) = (s * i + a).checked_sub(p) else {
+                let Some(r) = phase_source((s, a), i, p, h) else {
                     continue;
                 };
-                if r >= h {
-                    break;
-                }
                 let src_row = &src[i * width..(i + 1) * width];
                 let dst_row = &mut dst[r * w..(r + 1) * w];
                 if s == 1 {
@@ -532,10 +536,8 @@ pub(super) fn scatter_phase(
                     dst_row.copy_from_slice(&src_row[p..p + w]);
                 } else {
                     for (j, v) in src_row.iter().enumerate() {
-                        if let Some(col) = (s * j + b).checked_sub(p) {
-                            if col < w {
-                                dst_row[col] = *v;
-                            }
+                        if let Some(col) = phase_source((s, b), j, p, w) {
+                            dst_row[col] = *v;
                         }
                     }
                 }

@@ -12,16 +12,18 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::amx::{bf16, round_up, sum_of_products, PackedA, Term, TileWalk, BLOCK, TILE, TILE_K};
-use super::conv::{crop_wide, scatter_phase, Nchw, Offsets, PackedConv};
+use super::amx::{
+    bf16, round_up, sum_of_products, Operand, Term, TileWalk, Tiles, BLOCK, TILE, TILE_K,
+};
+use super::conv::{crop_wide, phase_source, scatter_phase, Nchw, Offsets, PackedConv};
 
 /// A kernel as AMX tiles, tap by tap.
 #[derive(Debug)]
 pub struct TileTaps {
     /// `W_tap`, `(c_out, c_in)`, for the forward.
-    taps: Vec<PackedA>,
+    taps: Vec<Tiles>,
     /// `W_tapᵀ`, `(c_in, c_out)`, for the input gradient.
-    transposed: OnceLock<Vec<PackedA>>,
+    transposed: OnceLock<Vec<Tiles>>,
 }
 
 impl Clone for TileTaps {
@@ -39,7 +41,11 @@ impl TileTaps {
         super::amx::require();
         let taps_n = kernel * kernel;
         let taps = (0..taps_n)
-            .map(|tap| PackedA::pack(c_out, c_in, |o, i| weight[(o * c_in + i) * taps_n + tap]))
+            .map(|tap| {
+                Tiles::pack(Operand::A, c_out, c_in, |o, i| {
+                    weight[(o * c_in + i) * taps_n + tap]
+                })
+            })
             .collect();
         Self {
             taps,
@@ -61,11 +67,11 @@ impl TileTaps {
         weight
     }
 
-    fn transposed(&self) -> &[PackedA] {
+    fn transposed(&self) -> &[Tiles] {
         self.transposed.get_or_init(|| {
             self.taps
                 .iter()
-                .map(|t| PackedA::pack(t.cols, t.rows, |i, o| t.get(o, i)))
+                .map(|t| Tiles::pack(Operand::A, t.cols, t.rows, |i, o| t.get(o, i)))
                 .collect()
         })
     }
@@ -238,19 +244,14 @@ impl PairPlanes {
                     }
                     let src = &x[channel * h * w..(channel + 1) * h * w];
                     for i in 0..rows {
-                        let Some(r) = (stride * i + a).checked_sub(pad_before) else {
+                        let Some(r) = phase_source((stride, a), i, pad_before, h) else {
                             continue;
                         };
-                        if r >= h {
-                            break;
-                        }
                         let row = &src[r * w..(r + 1) * w];
                         let dst_row = &mut dst[2 * i * width..2 * (i + 1) * width];
                         for (j, d) in dst_row.chunks_exact_mut(2).enumerate() {
-                            if let Some(col) = (stride * j + b).checked_sub(pad_before) {
-                                if col < w {
-                                    d[half] = bf16(row[col]);
-                                }
+                            if let Some(col) = phase_source((stride, b), j, pad_before, w) {
+                                d[half] = bf16(row[col]);
                             }
                         }
                     }

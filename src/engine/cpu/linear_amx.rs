@@ -7,15 +7,17 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::amx::{bf16, round_up, sum_of_products, PackedB, Term, TileWalk, BLOCK, TILE, TILE_K};
+use super::amx::{
+    bf16, round_up, sum_of_products, Operand, Term, TileWalk, Tiles, BLOCK, TILE, TILE_K,
+};
 
 /// A `(out_features, in_features)` weight as AMX tiles.
 #[derive(Debug)]
 pub struct TileLinear {
     /// `Wᵀ`: `k` = input feature, column = output feature.
-    transposed: PackedB,
+    transposed: Tiles,
     /// `W`: `k` = output feature, column = input feature, for the input gradient.
-    weight: OnceLock<PackedB>,
+    weight: OnceLock<Tiles>,
 }
 
 impl TileLinear {
@@ -24,7 +26,7 @@ impl TileLinear {
         assert_eq!(weight.len(), out_features * in_features, "weight size");
         super::amx::require();
         Self {
-            transposed: PackedB::pack(in_features, out_features, |i, o| {
+            transposed: Tiles::pack(Operand::B, in_features, out_features, |i, o| {
                 weight[o * in_features + i]
             }),
             weight: OnceLock::new(),
@@ -62,14 +64,14 @@ impl TileLinear {
     pub fn input_grad(&self, g: &[f32]) -> Vec<f32> {
         let weight = self.weight.get_or_init(|| {
             let t = &self.transposed;
-            PackedB::pack(t.cols, t.rows, |o, i| t.get(i, o))
+            Tiles::pack(Operand::B, t.cols, t.rows, |o, i| t.get(i, o))
         });
         apply(weight, g, None)
     }
 }
 
 /// `x·b + bias` for the rows of `x`, `b.rows` wide.
-fn apply(b: &PackedB, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+fn apply(b: &Tiles, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (k, n) = (b.rows, b.cols);
     assert_eq!(x.len() % k, 0, "rows of {k} features");
     let rows = x.len() / k;
