@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use super::conv_amx::TileTaps;
 use super::matmul::{product, Matrix};
+use super::winograd::WinogradKernel;
 use super::Products;
 
 /// A square convolution's geometry and its weights, packed tap by tap.
@@ -46,6 +47,8 @@ enum Weights {
     F32(Vec<f32>),
     /// Tap by tap as AMX tiles.
     Bf16(TileTaps),
+    /// Transformed for Winograd's F(2×2, 3×3) (3×3, stride 1, f32 products).
+    Winograd(WinogradKernel),
 }
 
 /// The shape of an NCHW activation.
@@ -182,11 +185,29 @@ impl PackedConv {
         }
     }
 
-    /// The same kernel with another padding and stride.
+    /// The same kernel with another padding and stride. A 3×3 kernel with stride 1 and f32
+    /// products is transformed for Winograd's F(2×2, 3×3) here when its layer
+    /// [suits](WinogradKernel::suits) it.
     pub fn with_geometry(mut self, padding: usize, stride: usize) -> Self {
         assert!(stride >= 1, "stride 0");
         self.padding = padding;
         self.stride = stride;
+        let taps = match &self.weights {
+            Weights::Winograd(kernel) => {
+                self.weights = Weights::F32(kernel.to_taps());
+                return self.with_geometry(padding, stride);
+            }
+            Weights::F32(taps) => taps,
+            Weights::Bf16(_) => return self,
+        };
+        if self.kernel == 3
+            && stride == 1
+            && padding <= 2
+            && WinogradKernel::suits(self.c_out, self.c_in)
+        {
+            self.weights =
+                Weights::Winograd(WinogradKernel::from_taps(taps, self.c_out, self.c_in));
+        }
         self
     }
 
@@ -194,8 +215,13 @@ impl PackedConv {
     /// weights come back as the f32 values they hold.
     pub fn unpack(&self) -> Vec<f32> {
         let taps_n = self.kernel * self.kernel;
+        let transformed;
         let taps = match &self.weights {
             Weights::F32(taps) => taps,
+            Weights::Winograd(kernel) => {
+                transformed = kernel.to_taps();
+                &transformed
+            }
             Weights::Bf16(tiles) => return tiles.unpack(self.c_out, self.c_in, self.kernel),
         };
         let mut weight = vec![0f32; taps.len()];
@@ -220,7 +246,7 @@ impl PackedConv {
     /// The `(c_out, c_in)` f32 slice of one tap.
     fn tap(&self, tap: usize) -> &[f32] {
         let Weights::F32(taps) = &self.weights else {
-            unreachable!("f32 products on bf16 weights")
+            unreachable!("tap products on bf16 or Winograd weights")
         };
         &taps[tap * self.c_out * self.c_in..(tap + 1) * self.c_out * self.c_in]
     }
@@ -251,8 +277,15 @@ impl PackedConv {
             h: ho,
             w: wo,
         };
-        if let Weights::Bf16(tiles) = &self.weights {
-            return (tiles.forward(self, x, input, bias, extra, output), output);
+        match &self.weights {
+            Weights::Bf16(tiles) => {
+                return (tiles.forward(self, x, input, bias, extra, output), output)
+            }
+            Weights::Winograd(kernel) => {
+                let y = kernel.forward(x, input, self.padding, (bias, extra), output);
+                return (y, output);
+            }
+            Weights::F32(_) => {}
         }
         let mut out = vec![0f32; output.len()];
         if self.is_pointwise() {
@@ -310,8 +343,12 @@ impl PackedConv {
             .output_size(input.h, input.w)
             .expect("input smaller than the kernel");
         assert_eq!(g.len(), input.n * self.c_out * ho * wo, "gradient size");
-        if let Weights::Bf16(tiles) = &self.weights {
-            return tiles.input_grad(self, g, input, (ho, wo));
+        match &self.weights {
+            Weights::Bf16(tiles) => return tiles.input_grad(self, g, input, (ho, wo)),
+            Weights::Winograd(kernel) => {
+                return kernel.input_grad(g, input, self.padding, (ho, wo))
+            }
+            Weights::F32(_) => {}
         }
         if self.is_pointwise() {
             return self.pointwise_input_grad(g, input);
@@ -547,7 +584,7 @@ pub(super) fn scatter_phase(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Var;
+    use candle_core::{Tensor, Var};
 
     use super::*;
     use crate::engine::cpu::test_support::{assert_close, random, values, CONV_CASES};
@@ -565,58 +602,166 @@ mod tests {
             let offset = random(&[n, co], seed + 3);
             let packed =
                 PackedConv::pack(&values(&weight), co, ci, k, Products::F32).with_geometry(p, s);
-            assert_eq!(packed.unpack(), values(&weight), "{what}: unpack");
-
-            let shape = Nchw { n, c: ci, h, w };
-            let (y, out) = packed.forward(
-                &values(&x),
-                shape,
-                Some(&values(&bias)),
-                Some(&values(&offset)),
-            );
-            let x_var = Var::from_tensor(&x).unwrap();
-            let reference = x_var
-                .as_tensor()
-                .conv2d(&weight, p, s, 1, 1)
-                .unwrap()
-                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
-                .unwrap()
-                .broadcast_add(&offset.reshape((n, co, 1, 1)).unwrap())
-                .unwrap();
+            let winograd = matches!(packed.weights, Weights::Winograd(_));
             assert_eq!(
-                reference.dims(),
-                &[out.n, out.c, out.h, out.w],
-                "{what}: shape"
+                winograd,
+                k == 3 && s == 1 && p <= 2 && WinogradKernel::suits(co, ci),
+                "{what}: 3×3 stride-1 layers of 128 channels and more take Winograd's path"
             );
-            assert_close(&y, &values(&reference), 2e-5, &format!("{what}: forward"));
-
-            let g = random(reference.dims(), seed + 4);
-            let dx = packed.input_grad(&values(&g), shape);
-            // candle's backward of a strided convolution fails when the stride leaves input
-            // rows or columns unused (its transposed convolution comes out a size short);
-            // there the adjoint identity below is the check.
-            if let Ok(grads) = (reference * &g).unwrap().sum_all().unwrap().backward() {
-                let dx_reference = grads.get(x_var.as_tensor()).unwrap();
-                assert_close(
-                    &dx,
-                    &values(dx_reference),
-                    2e-5,
-                    &format!("{what}: input gradient"),
-                );
-            }
-            // ⟨conv(x'), g⟩ = ⟨x', ∂⟩ for every x' when ∂ is the adjoint applied to g.
-            for probe in 0..4 {
-                let x_probe = values(&random(&[n, ci, h, w], seed + 100 + probe));
-                let (y_probe, _) = packed.forward(&x_probe, shape, None, None);
-                let dot = |a: &[f32], b: &[f32]| -> f64 {
-                    a.iter().zip(b).map(|(u, v)| *u as f64 * *v as f64).sum()
+            // The same kernel tap by tap, as the layers too large for Winograd run it.
+            let taps = PackedConv {
+                padding: p,
+                stride: s,
+                ..PackedConv::pack(&values(&weight), co, ci, k, Products::F32)
+            };
+            let variants = if winograd {
+                vec![packed, taps]
+            } else {
+                vec![packed]
+            };
+            for packed in variants {
+                let path = match packed.weights {
+                    Weights::Winograd(_) => "winograd",
+                    _ => "taps",
                 };
-                let (lhs, rhs) = (dot(&y_probe, &values(&g)), dot(&x_probe, &dx));
-                assert!(
-                    (lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0),
-                    "{what}: adjoint identity {lhs} vs {rhs}"
-                );
+                let what = format!("{what} {path}");
+                check_against_candle(&packed, (&x, &weight, &bias, &offset), (p, s), seed, &what);
             }
         }
+    }
+
+    /// Forward, bias, offset, unpacking and input gradient of one packed kernel against candle.
+    fn check_against_candle(
+        packed: &PackedConv,
+        (x, weight, bias, offset): (&Tensor, &Tensor, &Tensor, &Tensor),
+        (p, s): (usize, usize),
+        seed: u64,
+        what: &str,
+    ) {
+        let (n, ci, h, w) = x.dims4().unwrap();
+        let co = weight.dim(0).unwrap();
+        assert_close(
+            &packed.unpack(),
+            &values(weight),
+            1e-6,
+            &format!("{what}: unpack"),
+        );
+
+        let shape = Nchw { n, c: ci, h, w };
+        let (y, out) = packed.forward(
+            &values(x),
+            shape,
+            Some(&values(bias)),
+            Some(&values(offset)),
+        );
+        let x_var = Var::from_tensor(x).unwrap();
+        let reference = x_var
+            .as_tensor()
+            .conv2d(weight, p, s, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&offset.reshape((n, co, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(
+            reference.dims(),
+            &[out.n, out.c, out.h, out.w],
+            "{what}: shape"
+        );
+        assert_close(&y, &values(&reference), 2e-5, &format!("{what}: forward"));
+
+        let g = random(reference.dims(), seed + 4);
+        let dx = packed.input_grad(&values(&g), shape);
+        // candle's backward of a strided convolution fails when the stride leaves input
+        // rows or columns unused (its transposed convolution comes out a size short);
+        // there the adjoint identity below is the check.
+        if let Ok(grads) = (reference * &g).unwrap().sum_all().unwrap().backward() {
+            let dx_reference = grads.get(x_var.as_tensor()).unwrap();
+            assert_close(
+                &dx,
+                &values(dx_reference),
+                2e-5,
+                &format!("{what}: input gradient"),
+            );
+        }
+        // ⟨conv(x'), g⟩ = ⟨x', ∂⟩ for every x' when ∂ is the adjoint applied to g.
+        for probe in 0..4 {
+            let x_probe = values(&random(&[n, ci, h, w], seed + 100 + probe));
+            let (y_probe, _) = packed.forward(&x_probe, shape, None, None);
+            let dot = |a: &[f32], b: &[f32]| -> f64 {
+                a.iter().zip(b).map(|(u, v)| *u as f64 * *v as f64).sum()
+            };
+            let (lhs, rhs) = (dot(&y_probe, &values(&g)), dot(&x_probe, &dx));
+            assert!(
+                (lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0),
+                "{what}: adjoint identity {lhs} vs {rhs}"
+            );
+        }
+    }
+
+    /// `conv2d` with padding 1 in f64, the reference both paths are measured against.
+    fn exact(
+        x: &[f32],
+        weight: &[f32],
+        (c_in, c_out, h, w): (usize, usize, usize, usize),
+    ) -> Vec<f64> {
+        let mut y = vec![0f64; c_out * h * w];
+        for (o, plane) in y.chunks_mut(h * w).enumerate() {
+            for i in 0..c_in {
+                let src = &x[i * h * w..(i + 1) * h * w];
+                for tap in 0..9 {
+                    let k = weight[(o * c_in + i) * 9 + tap] as f64;
+                    let (dy, dx) = (tap / 3, tap % 3);
+                    for r in 0..h {
+                        let Some(sr) = (r + dy).checked_sub(1).filter(|&v| v < h) else {
+                            continue;
+                        };
+                        for c in 0..w {
+                            if let Some(sc) = (c + dx).checked_sub(1).filter(|&v| v < w) {
+                                plane[r * w + c] += k * src[sr * w + sc] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Winograd's rounding is larger than the taps' (its sums run over transformed values that
+    /// partly cancel); at a full-size layer's width it stays within a small factor of theirs.
+    #[test]
+    fn rounding_stays_within_a_small_factor_of_the_taps() {
+        let (c_in, c_out, h, w) = (256, 256, 10, 9);
+        let x = values(&random(&[1, c_in, h, w], 7));
+        let weight = values(&random(&[c_out, c_in, 3, 3], 8));
+        let reference = exact(&x, &weight, (c_in, c_out, h, w));
+        let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let shape = Nchw {
+            n: 1,
+            c: c_in,
+            h,
+            w,
+        };
+        let error = |conv: &PackedConv| {
+            let (y, _) = conv.forward(&x, shape, None, None);
+            let worst = y
+                .iter()
+                .zip(&reference)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            worst / scale
+        };
+        let winograd = PackedConv::pack(&weight, c_out, c_in, 3, Products::F32).with_geometry(1, 1);
+        let taps = PackedConv {
+            padding: 1,
+            ..PackedConv::pack(&weight, c_out, c_in, 3, Products::F32)
+        };
+        let (ours, plain) = (error(&winograd), error(&taps));
+        eprintln!("relative error: winograd {ours:.2e}, taps {plain:.2e}");
+        assert!(ours < 1e-6, "winograd error {ours:e}");
+        assert!(
+            ours < 4.0 * plain.max(1e-8),
+            "winograd {ours:e} against taps {plain:e}"
+        );
     }
 }

@@ -30,6 +30,7 @@ pub mod norm;
 mod simd;
 #[cfg(test)]
 mod test_support;
+mod winograd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;

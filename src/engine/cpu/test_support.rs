@@ -9,8 +9,8 @@ pub type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
 /// Convolutions the kernels are tested on: `(n, c_in, c_out, h, w, kernel, padding, stride)`,
 /// odd sizes, both strides and kernels, paddings 0–2, channel counts below, at and above one AMX
-/// `k` block.
-pub const CONV_CASES: [ConvCase; 10] = [
+/// `k` block, and layers wide enough for Winograd's path.
+pub const CONV_CASES: [ConvCase; 12] = [
     (1, 3, 5, 7, 9, 3, 1, 1),
     (2, 4, 6, 8, 8, 3, 1, 2),
     (1, 5, 3, 9, 6, 3, 0, 2),
@@ -21,6 +21,8 @@ pub const CONV_CASES: [ConvCase; 10] = [
     (2, 2, 3, 5, 4, 1, 0, 2),
     (1, 17, 33, 13, 3, 3, 1, 1),
     (1, 70, 33, 13, 3, 3, 1, 1),
+    (2, 130, 128, 9, 7, 3, 1, 1),
+    (1, 128, 136, 6, 5, 3, 2, 1),
 ];
 
 /// A standard-normal f32 CPU tensor from our seeded generator.
