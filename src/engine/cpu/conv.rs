@@ -14,8 +14,10 @@
 //! on it.
 //!
 //! The weights are packed once, at load time, as `(k·k, c_out, c_in)`; the products run on
-//! `gemm`, which picks its AVX-512, AVX2 or portable kernels at run time. With bf16 products
-//! ([`super::Products::Bf16`]) the same sums run on AMX tiles instead ([`super::conv_amx`]).
+//! `gemm`, which picks its AVX-512, AVX2 or portable kernels at run time. A 3×3 stride-1 layer
+//! of 128 to 640 channels is transformed for Winograd's F(2×2, 3×3) instead
+//! ([`super::winograd`]), and with bf16 products ([`super::Products::Bf16`]) the sums run on AMX
+//! tiles ([`super::conv_amx`]).
 
 use rayon::prelude::*;
 

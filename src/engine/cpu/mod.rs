@@ -3,7 +3,8 @@
 //! candle's CPU backend runs most elementwise work and every reduction on one thread, lays
 //! convolutions out again on every call and builds each result in a fresh buffer. The layers of
 //! [`crate::engine::grad_ops`] send f32 work on the CPU here instead:
-//! - [`conv`]: convolutions as matrix products over shifted views, weights packed at load time;
+//! - [`conv`]: convolutions as matrix products over shifted views, weights packed at load time,
+//!   and the wider 3×3 layers by Winograd's F(2×2, 3×3) ([`winograd`]);
 //! - [`norm`]: group norm fused with the SiLU that follows it, forward and backward;
 //! - [`attention`]: attention a block of queries at a time, never holding all the scores;
 //! - [`geglu`]: the feed-forward's gated GELU in one pass.

@@ -207,14 +207,17 @@ fn convolve(
     let tile_rows = shape.n * th;
     let widest = shape.c.max(out_channels);
     let slab_rows = (SLAB_BYTES / (POSITIONS * 4 * widest * tw)).clamp(1, tile_rows);
-    let mut transformed = vec![0f32; POSITIONS * shape.c * slab_rows * tw];
-    let mut sums = vec![0f32; POSITIONS * out_channels * slab_rows * tw];
     let mut out = vec![0f32; shape.n * out_channels * h * w];
     let threads = candle_core::utils::get_num_threads();
+    let mut buffers = SlabBuffers::take(
+        POSITIONS * shape.c * slab_rows * tw,
+        POSITIONS * out_channels * slab_rows * tw,
+    );
+    let (transformed, sums) = (&mut buffers.transformed, &mut buffers.sums);
     for first_row in (0..tile_rows).step_by(slab_rows) {
         let slab = first_row..tile_rows.min(first_row + slab_rows);
         let columns = slab.len() * tw;
-        transform_slab(source, geometry, slab.clone(), &mut transformed);
+        transform_slab(source, geometry, slab.clone(), transformed);
         for position in 0..POSITIONS {
             let rhs = Matrix::rows(
                 transformed[position * shape.c * columns..].as_ptr(),
@@ -235,9 +238,44 @@ fn convolve(
                 )
             }
         }
-        fold_slab(&sums, geometry, slab, &mut out, (bias, extra));
+        fold_slab(sums, geometry, slab, &mut out, (bias, extra));
     }
+    buffers.give_back();
     out
+}
+
+/// The slab buffers of a convolution. Every element is written before it is read, so a thread
+/// keeps the last pair it used for its next convolution instead of zeroing fresh ones (at most
+/// `2·SLAB_BYTES` while slabs fit the budget).
+#[derive(Default)]
+struct SlabBuffers {
+    transformed: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+thread_local! {
+    static KEPT: std::cell::Cell<SlabBuffers> = std::cell::Cell::new(SlabBuffers::default());
+}
+
+impl SlabBuffers {
+    /// This thread's kept buffers, grown to at least these lengths.
+    fn take(transformed: usize, sums: usize) -> Self {
+        let mut buffers = KEPT.take();
+        for (buffer, len) in [
+            (&mut buffers.transformed, transformed),
+            (&mut buffers.sums, sums),
+        ] {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+        }
+        buffers
+    }
+
+    /// Keeps the buffers for this thread's next convolution.
+    fn give_back(self) {
+        KEPT.set(self);
+    }
 }
 
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
@@ -341,7 +379,9 @@ fn fold_slab(
                 // SAFETY: output rows `y..y + rows` of this image's plane of this channel are
                 // this task's alone; `out` outlives the loop.
                 let rows = unsafe {
-                    let plane = dst.ptr().add(((image * out_channels + channel) * h + y) * w);
+                    let plane = dst
+                        .ptr()
+                        .add(((image * out_channels + channel) * h + y) * w);
                     std::slice::from_raw_parts_mut(plane, rows * w)
                 };
                 fold_tile_row(m, rows, w, add, scratch);
