@@ -56,9 +56,9 @@ impl Geometry {
 impl WinogradKernel {
     /// Whether a 3×3 stride-1 layer of these channels should run here. From 128 channels in and
     /// out the products are large enough for the saving to pay for the transforms (on this
-    /// project's machine: 1.5–1.9× faster than the taps at 128–640 channels, even below);
-    /// above 640 output channels the transformed kernel's extra 7/9 would cost a UNet's
-    /// lowest levels about 1.5 GB.
+    /// project's machine 1.5–1.9× faster than the taps at 128–640 channels; below 128 as often
+    /// slower as faster); above 640 output channels the transformed kernel's extra 7/9 would
+    /// cost a UNet's lowest levels about 1.5 GB.
     pub(super) fn suits(c_out: usize, c_in: usize) -> bool {
         (128..=640).contains(&c_out) && (128..=1920).contains(&c_in)
     }
