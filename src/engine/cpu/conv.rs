@@ -194,19 +194,14 @@ impl PackedConv {
         assert!(stride >= 1, "stride 0");
         self.padding = padding;
         self.stride = stride;
-        let taps = match &self.weights {
-            Weights::Winograd(kernel) => {
-                self.weights = Weights::F32(kernel.to_taps());
-                return self.with_geometry(padding, stride);
-            }
-            Weights::F32(taps) => taps,
-            Weights::Bf16(_) => return self,
-        };
-        if self.kernel == 3
+        if let Weights::Winograd(kernel) = &self.weights {
+            self.weights = Weights::F32(kernel.to_taps());
+        }
+        let winograd = self.kernel == 3
             && stride == 1
             && padding <= 2
-            && WinogradKernel::suits(self.c_out, self.c_in)
-        {
+            && WinogradKernel::suits(self.c_out, self.c_in);
+        if let (true, Weights::F32(taps)) = (winograd, &self.weights) {
             self.weights =
                 Weights::Winograd(WinogradKernel::from_taps(taps, self.c_out, self.c_in));
         }
