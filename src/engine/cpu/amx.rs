@@ -15,6 +15,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::DisjointWrites;
+
 /// Elements of bf16 in a tile row (and `k` per tile).
 pub const TILE_K: usize = 32;
 /// Rows (and f32 columns) of a tile.
@@ -246,17 +248,18 @@ pub unsafe fn sum_of_products(
     // Tasks of several output blocks along `n` that share their `a` tiles.
     let n_per_task = n_blocks.clamp(1, 8);
     let tasks_n = n_blocks.div_ceil(n_per_task);
-    let dst = SendPtr(dst);
+    // Each task writes its own blocks of `dst`.
+    let dst = DisjointWrites(dst);
     let terms = SendTerms(terms);
     (0..m_blocks * tasks_n).into_par_iter().for_each(|task| {
         let (mb, tn) = (task / tasks_n, task % tasks_n);
-        let _ = (&dst, &terms);
+        let _ = &terms;
         // SAFETY: forwarded from the caller; blocks of different tasks don't overlap.
         unsafe {
             configure();
             for nb in tn * n_per_task..((tn + 1) * n_per_task).min(n_blocks) {
                 block(
-                    dst.0.add(mb * BLOCK * dst_stride + nb * BLOCK),
+                    dst.ptr().add(mb * BLOCK * dst_stride + nb * BLOCK),
                     dst_stride,
                     (mb, nb),
                     k_blocks,
@@ -295,10 +298,6 @@ pub unsafe fn sum_of_products_here(
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: each task writes its own blocks of `dst`.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 struct SendTerms<'a>(&'a [Term]);
 // SAFETY: the terms point at operands that are only read.
 unsafe impl Send for SendTerms<'_> {}

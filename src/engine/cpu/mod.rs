@@ -189,6 +189,21 @@ pub fn with_products<R>(
     Ok(result)
 }
 
+/// An output pointer shared by parallel tasks that each write elements no other task touches.
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointWrites(pub *mut f32);
+
+// SAFETY: only built by callers whose tasks write disjoint elements (see each use).
+unsafe impl Send for DisjointWrites {}
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    /// The pointer (a method, so that closures capture the whole value, which is `Send`).
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Whether `t` is work for these kernels: f32 on the CPU, with the kernels turned on.
 pub fn handles(t: &Tensor) -> bool {
     t.dtype() == DType::F32 && t.device().is_cpu() && isa() != Isa::Candle

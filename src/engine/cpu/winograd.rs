@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use super::conv::Nchw;
 use super::matmul::{product, Matrix};
 use super::simd::dispatch;
+use super::DisjointWrites;
 
 /// Positions of a transformed 4×4 block.
 const POSITIONS: usize = 16;
@@ -278,21 +279,6 @@ impl SlabBuffers {
     }
 }
 
-/// A raw pointer shared by tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-
-// SAFETY: only used by tasks that write elements no other task touches (see its users).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer (a method, so that closures capture the whole `Shared`, which is `Send`).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `V = Bᵀ d B` for the tiles of tile rows `slab` (counted across images): 16
 /// `(channels, columns)` blocks at the start of `transformed`, tiles row by row.
 fn transform_slab(
@@ -306,7 +292,7 @@ fn transform_slab(
     let columns = slab.len() * tw;
     let block = shape.c * columns;
     assert!(transformed.len() >= POSITIONS * block, "slab buffer");
-    let dst = Shared(transformed.as_mut_ptr());
+    let dst = DisjointWrites(transformed.as_mut_ptr());
     let width = 2 * tw + 2;
     (0..shape.c).into_par_iter().for_each_init(
         || (vec![0f32; 4 * width], vec![0f32; POSITIONS * tw]),
@@ -363,7 +349,7 @@ fn fold_slab(
         geometry.source.n * out_channels * h * w,
         "output size"
     );
-    let dst = Shared(out.as_mut_ptr());
+    let dst = DisjointWrites(out.as_mut_ptr());
     (0..out_channels).into_par_iter().for_each_init(
         || vec![0f32; 10 * tw],
         |scratch, channel| {
