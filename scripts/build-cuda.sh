@@ -55,10 +55,14 @@ for so in lib/*.so.[0-9]*; do
 done
 if [ ! -e lib/stubs/libcuda.so ]; then
     mkdir -p lib/stubs
-    cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1)
+    # On a fresh machine cudarc's source is not unpacked yet (the CPU build does not need it),
+    # and ls failing there must not end the script under pipefail: fetch it, then look again.
+    cudarc_source() { ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1 || true; }
+    cudarc=$(cudarc_source)
     if [ -z "$cudarc" ]; then
         (cd - >/dev/null && cargo fetch --locked)
-        cudarc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)
+        cudarc=$(cudarc_source)
+        [ -n "$cudarc" ] || { echo "cudarc 0.19 is not in the cargo registry after cargo fetch" >&2; exit 1; }
     fi
     grep -o 'load::<_F>("cu[A-Za-z0-9_]*")' "$cudarc/src/driver/sys/mod.rs" |
         sed 's/.*("\(.*\)")/\1/' | sort -u | sed 's/.*/void &(void) {}/' >lib/stubs/libcuda.c
