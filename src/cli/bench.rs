@@ -363,7 +363,7 @@ fn write_random_sd15(dir: &std::path::Path) -> Result<()> {
         std::fs::write(folder.join("config.json"), config.to_string())?;
         let kept = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let backend = RecordingWeights { kept: kept.clone() };
-        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu).into();
         match component {
             "text_encoder" => drop(ClipTextEncoder::load(
                 vb,

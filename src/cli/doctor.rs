@@ -195,7 +195,8 @@ fn parity(
     r: &std::collections::HashMap<String, Tensor>,
 ) -> Result<Vec<Check>> {
     let raw: RawUNetConfig = serde_json::from_str(TINY_UNET_CONFIG)?;
-    let vb = VarBuilder::from_buffered_safetensors(TINY_UNET_WEIGHTS.to_vec(), dtype, device)?;
+    let vb =
+        VarBuilder::from_buffered_safetensors(TINY_UNET_WEIGHTS.to_vec(), dtype, device)?.into();
     let config = UNetConfig::from_raw(&raw)?;
     let unet =
         cpu::with_products(products, || UNet::load(vb, config)).map_err(anyhow::Error::msg)??;

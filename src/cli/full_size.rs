@@ -5,8 +5,10 @@ use anyhow::Result;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+
 use pix2pix_zero::engine::config::{RawUNetConfig, UNetConfig, VaeConfig};
 use pix2pix_zero::engine::rng::Rng;
+use pix2pix_zero::engine::weights::WeightSource;
 
 /// SD 1.5's `unet/config.json`.
 pub fn sd15_unet() -> Result<UNetConfig> {
@@ -39,9 +41,9 @@ pub fn sd15_vae() -> Result<VaeConfig> {
 /// kernels, ones for norm scales, zeros for biases. Deterministic per tensor name.
 pub struct RandomWeights;
 
-/// A `VarBuilder` that makes [`RandomWeights`] in `dtype` on `device`.
-pub fn random_weights(dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
+/// A weight source that makes [`RandomWeights`] in `dtype` on `device`.
+pub fn random_weights(dtype: DType, device: &Device) -> WeightSource {
+    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone()).into()
 }
 
 impl SimpleBackend for RandomWeights {

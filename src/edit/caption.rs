@@ -288,7 +288,7 @@ impl Captioner {
             image_text_hidden_size: raw.image_text_hidden_size,
         };
         let weights = dir.join("model.safetensors");
-        let vb = crate::engine::open_weights(&weights, DType::F32, device)?;
+        let vb = crate::engine::open_weights(&weights, DType::F32, device)?.var_builder();
         // transformers ties the LM head to the word embeddings and may not save it separately.
         let head = "text_decoder.cls.predictions.decoder.weight";
         let vb = if vb.contains_tensor(head) {

@@ -71,7 +71,7 @@ impl SentenceWriter {
         }
         let tokenizer = crate::engine::load_tokenizer_json(&dir.join("tokenizer.json"))?;
         let weights = dir.join("model.safetensors");
-        let vb = crate::engine::open_weights(&weights, DType::F32, device)?;
+        let vb = crate::engine::open_weights(&weights, DType::F32, device)?.var_builder();
         let model = t5::T5ForConditionalGeneration::load(vb, &config)
             .map_err(crate::engine::weights_error(&weights, &config_path))?;
         Ok(Self {

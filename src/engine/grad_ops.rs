@@ -22,8 +22,10 @@ use candle_core::{
 };
 
 use super::cpu::{
-    self, conv::Nchw, conv::PackedConv, linear_amx::TileLinear, norm::GroupNormParams, Products,
+    self, conv::Nchw, conv::PackedConv, linear::LinearShape, linear_amx::TileLinear,
+    norm::GroupNormParams, Products,
 };
+use super::weights::{F32Values, MappedF32, WeightSource};
 
 /// The backward of one [`with_vjp`] node: `(input, output, output gradient) -> input gradient`.
 type Vjp = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
@@ -128,6 +130,13 @@ pub struct Linear {
 enum LinearWeight {
     /// `(out_features, in_features)`.
     Tensor(Tensor),
+    /// `(out_features, in_features)` f32 values in place in the weights file, for the CPU
+    /// kernels.
+    Mapped {
+        values: MappedF32,
+        out_features: usize,
+        in_features: usize,
+    },
     /// Packed for bf16 products.
     Tiles(Arc<TileLinear>),
 }
@@ -152,6 +161,11 @@ impl Linear {
     pub fn weight(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Tensor(w) => Ok(w.clone()),
+            LinearWeight::Mapped {
+                values,
+                out_features,
+                in_features,
+            } => cpu::tensor(values.as_slice().to_vec(), (*out_features, *in_features)),
             LinearWeight::Tiles(t) => cpu::tensor(t.unpack(), (t.out_features(), t.in_features())),
         }
     }
@@ -164,23 +178,88 @@ impl Linear {
         }
     }
 
-    /// Loads `weight` (and `bias` when `with_bias`) from `vb`.
+    /// Loads `weight` (and `bias` when `with_bias`) from `vb`. For the CPU kernels in f32 the
+    /// weight stays where it lies in a mapped file, and bf16 tiles are packed from there.
     pub fn load(
-        vb: candle_nn::VarBuilder,
+        vb: WeightSource,
         in_features: usize,
         out_features: usize,
         with_bias: bool,
     ) -> Result<Self> {
-        let weight = vb.get((out_features, in_features), "weight")?;
         let bias = if with_bias {
             Some(vb.get(out_features, "bias")?)
         } else {
             None
         };
-        Ok(Self::new(weight, bias))
+        let Some(values) = vb.mapped_f32((out_features, in_features), "weight")? else {
+            let weight = vb.get((out_features, in_features), "weight")?;
+            return Ok(Self::new(weight, bias));
+        };
+        let weight = match cpu::products() {
+            Products::Bf16 => LinearWeight::Tiles(Arc::new(TileLinear::pack(
+                values.as_slice(),
+                out_features,
+                in_features,
+            ))),
+            Products::F32 => LinearWeight::Mapped {
+                values,
+                out_features,
+                in_features,
+            },
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The mapped weight and the sizes of its product with `t`, when the CPU kernels run `t` on
+    /// it; `t`'s last dimension must be `features` (`in_features` forward, `out_features`
+    /// backward).
+    fn mapped_for(
+        &self,
+        t: &Tensor,
+        features: impl Fn(usize, usize) -> usize,
+    ) -> Option<Result<(&MappedF32, LinearShape)>> {
+        let LinearWeight::Mapped {
+            values,
+            out_features,
+            in_features,
+        } = &self.weight
+        else {
+            return None;
+        };
+        if !cpu::handles(t) {
+            return None;
+        }
+        let wanted = features(*in_features, *out_features);
+        let last = t.dims().last().copied().unwrap_or(0);
+        if last != wanted {
+            return Some(Err(candle_core::Error::Msg(format!(
+                "linear: a tensor of shape {:?} where the layer wants {wanted} features last",
+                t.dims()
+            ))));
+        }
+        let shape = LinearShape {
+            rows: t.elem_count() / wanted.max(1),
+            in_features: *in_features,
+            out_features: *out_features,
+        };
+        Some(Ok((values, shape)))
     }
 
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(mapped) = self.mapped_for(x, |in_features, _| in_features) {
+            let (values, shape) = mapped?;
+            let mut dims = x.dims().to_vec();
+            *dims.last_mut().expect("rank ≥ 1") = shape.out_features;
+            let bias = self
+                .bias
+                .as_ref()
+                .map(|b| cpu::with_f32(b, <[f32]>::to_vec))
+                .transpose()?;
+            let y = cpu::with_f32(x, |x| {
+                cpu::linear::forward(x, values.as_slice(), bias.as_deref(), shape)
+            })?;
+            return cpu::tensor(y, dims);
+        }
         if let Some(tiles) = self.tiles_for(x) {
             let mut dims = x.dims().to_vec();
             *dims.last_mut().expect("rank ≥ 1") = tiles.out_features();
@@ -203,6 +282,13 @@ impl Linear {
 impl Linear {
     /// `∂L/∂x` given `∂L/∂y`: `g·W`.
     pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        if let Some(mapped) = self.mapped_for(g, |_, out_features| out_features) {
+            let (values, shape) = mapped?;
+            let mut dims = g.dims().to_vec();
+            *dims.last_mut().expect("rank ≥ 1") = shape.in_features;
+            let dx = cpu::with_f32(g, |g| cpu::linear::input_grad(g, values.as_slice(), shape))?;
+            return cpu::tensor(dx, dims);
+        }
         if let Some(tiles) = self.tiles_for(g) {
             let mut dims = g.dims().to_vec();
             *dims.last_mut().expect("rank ≥ 1") = tiles.in_features();
@@ -252,15 +338,28 @@ fn nchw(t: &Tensor) -> Result<Nchw> {
 impl Conv2d {
     /// Loads a square-kernel convolution laid out like PyTorch's `nn.Conv2d`.
     pub fn load(
-        vb: candle_nn::VarBuilder,
+        vb: WeightSource,
         c_in: usize,
         c_out: usize,
         kernel: usize,
         padding: usize,
         stride: usize,
     ) -> Result<Self> {
-        let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
         let bias = Some(vb.get(c_out, "bias")?);
+        let shape = (c_out, c_in, kernel, kernel);
+        if kernel == 1 && cpu::products() == Products::F32 {
+            if let Some(values) = vb.mapped_f32(shape, "weight")? {
+                let packed = PackedConv::pointwise(F32Values::Mapped(values), c_out, c_in)
+                    .with_geometry(padding, stride);
+                return Ok(Self {
+                    weights: ConvWeights::Packed(Arc::new(packed)),
+                    bias,
+                    padding,
+                    stride,
+                });
+            }
+        }
+        let weight = vb.get(shape, "weight")?;
         let weights = if cpu::handles(&weight) {
             let packed = cpu::with_f32(&weight, |w| {
                 PackedConv::pack(w, c_out, c_in, kernel, cpu::products())
@@ -409,7 +508,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     /// Loads `weight` and `bias` of shape `(dim,)`.
-    pub fn load(vb: candle_nn::VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+    pub fn load(vb: WeightSource, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
@@ -479,12 +578,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     /// Loads `weight` and `bias` of shape `(channels,)`.
-    pub fn load(
-        vb: candle_nn::VarBuilder,
-        groups: usize,
-        channels: usize,
-        eps: f64,
-    ) -> Result<Self> {
+    pub fn load(vb: WeightSource, groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if !channels.is_multiple_of(groups) {
             candle_core::bail!("group norm: {channels} channels do not split into {groups} groups")
         }

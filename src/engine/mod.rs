@@ -22,7 +22,6 @@ pub mod weights;
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 
 pub use error::{Error, Result};
 pub use source::ModelFiles;
@@ -32,6 +31,7 @@ use ddim::Ddim;
 use text::{ClipTextEncoder, ClipTokenizer, TextEncoder, MAX_TOKENS};
 use unet::UNet;
 use vae::Vae;
+use weights::WeightSource;
 
 /// A loaded Stable Diffusion 1.x/2.x model.
 #[derive(Debug)]
@@ -66,17 +66,15 @@ pub fn pick_device(cpu: bool) -> candle_core::Result<Device> {
     Ok(Device::Cpu)
 }
 
-/// Opens a safetensors file as a `VarBuilder`, converting to `dtype` on load.
-pub fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    weights::SafetensorsFile::open(path)
-        .map(|file| VarBuilder::from_backend(Box::new(file), dtype, device.clone()))
-        .map_err(|e| Error::Weights {
-            path: path.to_path_buf(),
-            message: format!(
-                "{}; the file is unreadable or not safetensors: download it again",
-                error::candle_message(&e)
-            ),
-        })
+/// Opens a safetensors file as a [`WeightSource`], converting to `dtype` on load.
+pub fn open_weights(path: &Path, dtype: DType, device: &Device) -> Result<WeightSource> {
+    WeightSource::open(path, dtype, device).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        message: format!(
+            "{}; the file is unreadable or not safetensors: download it again",
+            error::candle_message(&e)
+        ),
+    })
 }
 
 /// Turns candle's "cannot find tensor" / "shape mismatch" into an error naming both files.

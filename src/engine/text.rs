@@ -11,11 +11,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Result as CandleResult, Tensor, D};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm};
 use serde_json::Value;
 
 use super::config::{ClipActivation, TextEncoderConfig};
 use super::error::{Error, Result};
+use super::grad_ops::Linear;
+use super::weights::WeightSource;
 
 /// CLIP's context length: every prompt becomes exactly this many tokens.
 pub const MAX_TOKENS: usize = 77;
@@ -251,33 +253,43 @@ pub struct ClipTextEncoder {
 
 impl ClipTextEncoder {
     /// Loads the encoder from transformers' weights (`text_model.` prefix optional).
-    pub fn load(vb: VarBuilder, config: TextEncoderConfig) -> CandleResult<Self> {
+    pub fn load(vb: WeightSource, config: TextEncoderConfig) -> CandleResult<Self> {
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
             vb
         };
         let (d, eps) = (config.hidden_size, config.layer_norm_eps);
-        let ln = |vb: VarBuilder| candle_nn::layer_norm(d, eps, vb);
+        let ln = |vb: WeightSource| -> CandleResult<LayerNorm> {
+            Ok(LayerNorm::new(
+                vb.get(d, "weight")?,
+                vb.get(d, "bias")?,
+                eps,
+            ))
+        };
+        let linear = |vb: WeightSource, c_in, c_out| Linear::load(vb, c_in, c_out, true);
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let vb = vb.pp(format!("encoder.layers.{i}"));
                 let attn = vb.pp("self_attn");
                 Ok(ClipLayer {
                     norm1: ln(vb.pp("layer_norm1"))?,
-                    q: candle_nn::linear(d, d, attn.pp("q_proj"))?,
-                    k: candle_nn::linear(d, d, attn.pp("k_proj"))?,
-                    v: candle_nn::linear(d, d, attn.pp("v_proj"))?,
-                    out: candle_nn::linear(d, d, attn.pp("out_proj"))?,
+                    q: linear(attn.pp("q_proj"), d, d)?,
+                    k: linear(attn.pp("k_proj"), d, d)?,
+                    v: linear(attn.pp("v_proj"), d, d)?,
+                    out: linear(attn.pp("out_proj"), d, d)?,
                     norm2: ln(vb.pp("layer_norm2"))?,
-                    fc1: candle_nn::linear(d, config.intermediate_size, vb.pp("mlp.fc1"))?,
-                    fc2: candle_nn::linear(config.intermediate_size, d, vb.pp("mlp.fc2"))?,
+                    fc1: linear(vb.pp("mlp.fc1"), d, config.intermediate_size)?,
+                    fc2: linear(vb.pp("mlp.fc2"), config.intermediate_size, d)?,
                 })
             })
             .collect::<CandleResult<_>>()?;
         let emb = vb.pp("embeddings");
         Ok(Self {
-            token_embedding: candle_nn::embedding(config.vocab_size, d, emb.pp("token_embedding"))?,
+            token_embedding: Embedding::new(
+                emb.get((config.vocab_size, d), "token_embedding.weight")?,
+                d,
+            ),
             position_embedding: emb.get(
                 (config.max_position_embeddings, d),
                 "position_embedding.weight",

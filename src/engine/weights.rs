@@ -1,17 +1,25 @@
-//! Weights read from a safetensors file tensor by tensor, with positioned reads.
+//! Where a model's layers get their weights: a safetensors file read tensor by tensor, and the
+//! f32 tensors a CPU layer can use where they lie, in a read-only mapping of the file.
 //!
 //! candle's memory-mapped loader copies every tensor out of a mapping of the whole file, and the
 //! pages it touched stay in the process until the mapping goes: loading the 3.4 GB UNet briefly
-//! held it twice, which made loading the peak of a whole 512² edit (7.5 GB). Reading each tensor
-//! into its own buffer holds one copy, plus the one tensor being read.
+//! held it twice. Copying into fresh memory is also most of the time a load takes, because every
+//! new page is zeroed (and, in a virtual machine, first backed by the host) before it is filled.
+//! So a layer whose kernel reads the weights in the file's own layout (a linear layer, a 1×1
+//! convolution, on the CPU in f32) borrows them from the mapping ([`MappedF32`]): those pages are
+//! the page cache's, already in memory, and nothing is copied. Every other tensor is read into its
+//! own buffer with a positioned read, which leaves nothing mapped.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use memmap2::Mmap;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -28,6 +36,8 @@ struct Entry {
 pub struct SafetensorsFile {
     path: PathBuf,
     file: File,
+    /// The whole file, read-only, for the tensors borrowed in place (none when mapping failed).
+    map: Option<Arc<Mmap>>,
     /// Where the data section starts (after the 8-byte length and the header).
     data_start: u64,
     entries: HashMap<String, Entry>,
@@ -71,11 +81,35 @@ impl SafetensorsFile {
                 Ok((name, entry))
             })
             .collect::<Result<_>>()?;
+        // SAFETY: the mapping is read-only and private. Like every loader that maps weights, it
+        // trusts the file not to be cut short while the model is loaded.
+        let map = unsafe { Mmap::map(&file) }.ok().map(Arc::new);
         Ok(Self {
             path: path.to_path_buf(),
             file,
+            map,
             data_start,
             entries,
+        })
+    }
+
+    /// `name`'s values in place in the mapping, when the file holds them as little-endian f32 at an
+    /// aligned offset; `None` otherwise (read a copy instead).
+    fn mapped_f32(&self, name: &str) -> Option<MappedF32> {
+        let map = self.map.as_ref()?;
+        let entry = self.entries.get(name)?;
+        let start = usize::try_from(self.data_start + entry.data_offsets.0).ok()?;
+        let bytes = usize::try_from(entry.data_offsets.1 - entry.data_offsets.0).ok()?;
+        let len = entry.shape.iter().product::<usize>();
+        let fits = entry.dtype == Dtype::F32
+            && cfg!(target_endian = "little")
+            && bytes == len * 4
+            && (map.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<f32>())
+            && start + bytes <= map.len();
+        fits.then(|| MappedF32 {
+            map: Arc::clone(map),
+            offset: start,
+            len,
         })
     }
 
@@ -167,13 +201,178 @@ impl SimpleBackend for SafetensorsFile {
     }
 }
 
+/// The backend of a [`WeightSource`]'s `VarBuilder`, sharing the file with the source.
+struct SharedFile(Arc<SafetensorsFile>);
+
+impl SimpleBackend for SharedFile {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.0.get(shape, name, init, dtype, device)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.0.get_unchecked(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
+/// An f32 tensor's values where they lie in a read-only mapping of its safetensors file. Cloning
+/// shares the mapping, which lives as long as any clone.
+#[derive(Clone)]
+pub struct MappedF32 {
+    map: Arc<Mmap>,
+    /// Byte offset of the first value in the mapping.
+    offset: usize,
+    /// Number of values.
+    len: usize,
+}
+
+impl MappedF32 {
+    /// The values.
+    pub fn as_slice(&self) -> &[f32] {
+        // SAFETY: `mapped_f32` checked that the range lies in the mapping, is aligned for f32 and
+        // holds `len` little-endian f32 values; any bits are a valid f32.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset).cast(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for MappedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedF32({} values)", self.len)
+    }
+}
+
+/// f32 weight values that a layer owns or borrows from its mapped file.
+#[derive(Debug, Clone)]
+pub enum F32Values {
+    /// In memory of its own.
+    Owned(Vec<f32>),
+    /// In place in the file's mapping.
+    Mapped(MappedF32),
+}
+
+impl std::ops::Deref for F32Values {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Owned(values) => values,
+            Self::Mapped(mapped) => mapped.as_slice(),
+        }
+    }
+}
+
+/// Where a model's layers get their weights: a candle `VarBuilder` for tensors, and, when the
+/// weights come from a safetensors file, the f32 tensors that can be used in place.
+#[derive(Clone)]
+pub struct WeightSource {
+    vb: VarBuilder<'static>,
+    file: Option<Arc<SafetensorsFile>>,
+}
+
+impl WeightSource {
+    /// Opens `path`'s header; tensors are read (or mapped) as layers ask for them.
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let file = Arc::new(SafetensorsFile::open(path)?);
+        let vb = VarBuilder::from_backend(
+            Box::new(SharedFile(Arc::clone(&file))),
+            dtype,
+            device.clone(),
+        );
+        Ok(Self {
+            vb,
+            file: Some(file),
+        })
+    }
+
+    /// The source of the tensors under `prefix.` (candle's `VarBuilder::pp`).
+    pub fn pp(&self, prefix: impl ToString) -> Self {
+        Self {
+            vb: self.vb.pp(prefix),
+            file: self.file.clone(),
+        }
+    }
+
+    /// `name`, which must have `shape`, in the source's dtype and on its device.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        self.vb.get(shape, name)
+    }
+
+    /// Whether the source has `name`.
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    /// The dtype tensors come in.
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    /// The device tensors come on.
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    /// The `VarBuilder` underneath, for models that take one (candle-transformers' BLIP and T5).
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        self.vb.clone()
+    }
+
+    /// `name`'s f32 values, which must have `shape`: borrowed in place when the source is a mapped
+    /// f32 file and the layer wants f32 on the CPU with the CPU kernels on, else `None` (get a
+    /// tensor instead).
+    pub fn mapped_f32(&self, shape: impl Into<Shape>, name: &str) -> Result<Option<MappedF32>> {
+        let wanted = self.dtype() == DType::F32
+            && self.device().is_cpu()
+            && super::cpu::isa() != super::cpu::Isa::Candle;
+        let Some(file) = self.file.as_ref().filter(|_| wanted) else {
+            return Ok(None);
+        };
+        let full_name = if self.vb.prefix().is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.vb.prefix())
+        };
+        let Some(mapped) = file.mapped_f32(&full_name) else {
+            return Ok(None);
+        };
+        let shape = shape.into();
+        let entry = &file.entries[&full_name];
+        if entry.shape != shape.dims() {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {full_name}"),
+                expected: shape,
+                got: entry.shape.clone().into(),
+            });
+        }
+        Ok(Some(mapped))
+    }
+}
+
+impl From<VarBuilder<'static>> for WeightSource {
+    /// A source of tensors only (random weights, a `VarMap`, a buffer): nothing is borrowed.
+    fn from(vb: VarBuilder<'static>) -> Self {
+        Self { vb, file: None }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The same tensors, dtypes converted, as candle's own loader gives; a cut file is refused.
+    /// The same tensors, dtypes converted, as candle's own loader gives; f32 ones borrowed in
+    /// place; a cut file is refused.
     #[test]
-    fn reads_what_candle_reads_and_refuses_a_cut_file() {
+    fn reads_what_candle_reads_borrows_f32_and_refuses_a_cut_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.safetensors");
         let a = Tensor::arange(0f32, 24.0, &Device::Cpu)
@@ -221,6 +420,23 @@ mod tests {
             file.get_unchecked("missing", DType::F32, &Device::Cpu),
             Err(candle_core::Error::CannotFindTensor { .. })
         ));
+
+        // Through a weight source: the f32 tensor is borrowed in place, the f16 one is not.
+        let source = WeightSource::open(&path, DType::F32, &Device::Cpu).unwrap();
+        let mapped = source.mapped_f32((2, 3, 4), "a").unwrap().unwrap();
+        assert_eq!(
+            mapped.as_slice(),
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert!(source.pp("b").mapped_f32(2, "c").unwrap().is_none());
+        let wrong = source.mapped_f32((4, 6), "a").unwrap_err().to_string();
+        assert!(wrong.contains("shape mismatch for a"), "{wrong}");
+        let in_f16 = WeightSource::open(&path, DType::F16, &Device::Cpu).unwrap();
+        assert!(in_f16.mapped_f32((2, 3, 4), "a").unwrap().is_none());
+        drop((source, in_f16));
+        // The mapping outlives its source.
+        assert_eq!(mapped.as_slice()[23], 23.0);
+        drop(mapped);
 
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();

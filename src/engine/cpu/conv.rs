@@ -25,6 +25,7 @@ use super::conv_amx::TileTaps;
 use super::matmul::{product, Matrix};
 use super::winograd::WinogradKernel;
 use super::Products;
+use crate::engine::weights::F32Values;
 
 /// A square convolution's geometry and its weights, packed tap by tap.
 #[derive(Debug, Clone)]
@@ -45,8 +46,9 @@ pub struct PackedConv {
 /// A kernel packed for the products that run it.
 #[derive(Debug, Clone)]
 enum Weights {
-    /// `(k·k, c_out, c_in)`, row-major, for `gemm`.
-    F32(Vec<f32>),
+    /// `(k·k, c_out, c_in)`, row-major, for `gemm` (a 1×1 kernel's may lie in place in its
+    /// weights file, since that is PyTorch's layout too).
+    F32(F32Values),
     /// Tap by tap as AMX tiles.
     Bf16(TileTaps),
     /// Transformed for Winograd's F(2×2, 3×3) (3×3, stride 1, f32 products).
@@ -173,7 +175,7 @@ impl PackedConv {
                             *d = weight[i * taps_n + tap];
                         }
                     });
-                Weights::F32(taps)
+                Weights::F32(F32Values::Owned(taps))
             }
             Products::Bf16 => Weights::Bf16(TileTaps::pack(weight, c_out, c_in, kernel)),
         };
@@ -187,6 +189,19 @@ impl PackedConv {
         }
     }
 
+    /// A 1×1 kernel for f32 products, `(c_out, c_in)` values used where they are (no copy).
+    pub fn pointwise(values: F32Values, c_out: usize, c_in: usize) -> Self {
+        assert_eq!(values.len(), c_out * c_in, "kernel size");
+        Self {
+            weights: Weights::F32(values),
+            c_out,
+            c_in,
+            kernel: 1,
+            padding: 0,
+            stride: 1,
+        }
+    }
+
     /// The same kernel with another padding and stride. A 3×3 kernel with stride 1 and f32
     /// products is transformed for Winograd's F(2×2, 3×3) here when its layer
     /// [suits](WinogradKernel::suits) it.
@@ -195,7 +210,7 @@ impl PackedConv {
         self.padding = padding;
         self.stride = stride;
         if let Weights::Winograd(kernel) = &self.weights {
-            self.weights = Weights::F32(kernel.to_taps());
+            self.weights = Weights::F32(F32Values::Owned(kernel.to_taps()));
         }
         let winograd = self.kernel == 3
             && stride == 1
@@ -213,7 +228,7 @@ impl PackedConv {
     pub fn unpack(&self) -> Vec<f32> {
         let taps_n = self.kernel * self.kernel;
         let transformed;
-        let taps = match &self.weights {
+        let taps: &[f32] = match &self.weights {
             Weights::F32(taps) => taps,
             Weights::Winograd(kernel) => {
                 transformed = kernel.to_taps();

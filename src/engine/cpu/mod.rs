@@ -25,6 +25,7 @@ mod attention_amx;
 pub mod conv;
 mod conv_amx;
 pub mod geglu;
+pub mod linear;
 pub mod linear_amx;
 mod matmul;
 pub mod norm;

@@ -7,8 +7,8 @@
 //!   probabilities head by head during the backward;
 //! - otherwise: the fast fused path, attending a few heads at a time to bound memory.
 
+use crate::engine::weights::WeightSource;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
 
 use crate::engine::control::{AttentionControl, AttentionKind, AttentionSite};
 use crate::engine::cpu::{self, attention::AttentionShape};
@@ -56,7 +56,7 @@ impl Attention {
     /// `query_dim`: width of the image tokens; `context_dim`: width of the keys' source (the
     /// text embeddings for cross-attention, `query_dim` for self-attention).
     pub fn load(
-        vb: VarBuilder,
+        vb: WeightSource,
         query_dim: usize,
         context_dim: usize,
         heads: usize,
@@ -252,7 +252,7 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
+    fn load(vb: WeightSource, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
             proj_in: Linear::load(vb.pp("net.0.proj"), dim, 2 * inner, true)?,
@@ -330,7 +330,7 @@ const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
 
 impl TransformerBlock {
     fn load(
-        vb: VarBuilder,
+        vb: WeightSource,
         dim: usize,
         context_dim: usize,
         heads: usize,
@@ -419,7 +419,7 @@ pub struct TransformerShape {
 impl SpatialTransformer {
     /// Loads the module; `name` is the layer-name prefix and index, e.g. `("down.1", 0)`.
     pub fn load(
-        vb: VarBuilder,
+        vb: WeightSource,
         s: TransformerShape,
         (prefix, index): (&str, usize),
     ) -> Result<Self> {

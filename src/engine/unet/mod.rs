@@ -8,8 +8,8 @@
 mod attention;
 pub mod resnet;
 
+use crate::engine::weights::WeightSource;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use attention::{SpatialTransformer, TransformerShape};
 use resnet::{Downsample, ResnetBlock, ResnetShape, Upsample};
@@ -72,7 +72,7 @@ pub struct UNet {
 
 impl UNet {
     /// Builds the UNet described by `config` from weights named as diffusers names them.
-    pub fn load(vb: VarBuilder, config: UNetConfig) -> Result<Self> {
+    pub fn load(vb: WeightSource, config: UNetConfig) -> Result<Self> {
         let levels = &config.levels;
         let n = levels.len();
         let c0 = levels[0].channels;

@@ -4,8 +4,8 @@
 //! latent-only-gradient ops of [`crate::engine::grad_ops`] (and run on its CPU kernels); the
 //! weight names follow diffusers.
 
+use crate::engine::weights::WeightSource;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::engine::grad_ops::{Conv2d, GroupNorm, Linear};
 
@@ -41,7 +41,7 @@ pub struct ResnetShape {
 impl ResnetBlock {
     /// Loads the block from `vb` (`norm1`, `conv1`, `time_emb_proj` with a timestep embedding,
     /// `norm2`, `conv2`, and `conv_shortcut` when the channel count changes).
-    pub fn load(vb: VarBuilder, s: ResnetShape) -> Result<Self> {
+    pub fn load(vb: WeightSource, s: ResnetShape) -> Result<Self> {
         let conv_shortcut = if s.c_in != s.c_out {
             Some(Conv2d::load(
                 vb.pp("conv_shortcut"),
@@ -99,7 +99,7 @@ pub struct Downsample {
 
 impl Downsample {
     /// Loads `conv` from `vb` (diffusers' `downsamplers.0`).
-    pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+    pub fn load(vb: WeightSource, channels: usize, padding: usize) -> Result<Self> {
         Ok(Self {
             conv: Conv2d::load(vb.pp("conv"), channels, channels, 3, padding, 2)?,
             padding,
@@ -128,7 +128,7 @@ pub struct Upsample {
 
 impl Upsample {
     /// Loads `conv` from `vb` (diffusers' `upsamplers.0`).
-    pub fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
+    pub fn load(vb: WeightSource, channels: usize) -> Result<Self> {
         Ok(Self {
             conv: Conv2d::load(vb.pp("conv"), channels, channels, 3, 1, 1)?,
         })

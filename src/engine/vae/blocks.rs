@@ -3,8 +3,8 @@
 //! can be differentiated with respect to the image (the distillation's perceptual loss).
 //! Weight names follow diffusers, in its current and its older attention naming.
 
+use crate::engine::weights::WeightSource;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::engine::cpu;
 use crate::engine::grad_ops::{self, GroupNorm, Linear, RecomputedAttention};
@@ -14,7 +14,7 @@ use crate::engine::unet::resnet::{Downsample, ResnetBlock, ResnetShape, Upsample
 pub const VAE_NORM_EPS: f64 = 1e-6;
 
 /// A VAE resnet block: no timestep embedding.
-pub fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<ResnetBlock> {
+pub fn resnet(vb: WeightSource, c_in: usize, c_out: usize, groups: usize) -> Result<ResnetBlock> {
     ResnetBlock::load(
         vb,
         ResnetShape {
@@ -30,7 +30,7 @@ pub fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Resul
 
 /// `resnets.0` (`c_in` → `c_out`) to `resnets.{layers − 1}` (`c_out` → `c_out`).
 fn resnets(
-    vb: &VarBuilder,
+    vb: &WeightSource,
     (c_in, c_out): (usize, usize),
     layers: usize,
     groups: usize,
@@ -60,7 +60,7 @@ pub struct DownBlock {
 impl DownBlock {
     /// Loads `resnets.{i}` and `downsamplers.0`.
     pub fn load(
-        vb: VarBuilder,
+        vb: WeightSource,
         (c_in, c_out): (usize, usize),
         layers: usize,
         groups: usize,
@@ -100,7 +100,7 @@ pub struct UpBlock {
 impl UpBlock {
     /// Loads `resnets.{i}` and `upsamplers.0`.
     pub fn load(
-        vb: VarBuilder,
+        vb: WeightSource,
         (c_in, c_out): (usize, usize),
         layers: usize,
         groups: usize,
@@ -140,7 +140,7 @@ struct PixelAttention {
 }
 
 /// A `(c, c)` projection stored as a linear layer or as a 1×1 convolution (older files).
-fn projection(vb: VarBuilder, c: usize) -> Result<Linear> {
+fn projection(vb: WeightSource, c: usize) -> Result<Linear> {
     let weight = match vb.get((c, c), "weight") {
         Ok(w) => w,
         Err(_) => vb.get((c, c, 1, 1), "weight")?.reshape((c, c))?,
@@ -149,7 +149,7 @@ fn projection(vb: VarBuilder, c: usize) -> Result<Linear> {
 }
 
 impl PixelAttention {
-    fn load(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+    fn load(vb: WeightSource, channels: usize, groups: usize) -> Result<Self> {
         let names = if vb.contains_tensor("to_q.weight") {
             ["to_q", "to_k", "to_v", "to_out.0"]
         } else {
@@ -215,7 +215,7 @@ pub struct MidBlock {
 
 impl MidBlock {
     /// Loads `resnets.0`, `attentions.0` and `resnets.1`.
-    pub fn load(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+    pub fn load(vb: WeightSource, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
             resnet_in: resnet(vb.pp("resnets.0"), channels, channels, groups)?,
             attention: PixelAttention::load(vb.pp("attentions.0"), channels, groups)?,

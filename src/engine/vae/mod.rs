@@ -7,8 +7,8 @@
 
 mod blocks;
 
+use crate::engine::weights::WeightSource;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::config::VaeConfig;
 use super::grad_ops::{Conv2d, GroupNorm};
@@ -51,7 +51,7 @@ impl Posterior {
     }
 }
 
-fn conv3(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Conv2d> {
+fn conv3(vb: WeightSource, c_in: usize, c_out: usize) -> Result<Conv2d> {
     Conv2d::load(vb, c_in, c_out, 3, 1, 1)
 }
 
@@ -65,7 +65,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn load(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
+    fn load(vb: WeightSource, c: &VaeConfig) -> Result<Self> {
         let chans = &c.block_out_channels;
         let down = (0..chans.len())
             .map(|i| {
@@ -123,7 +123,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn load(vb: VarBuilder, c: &VaeConfig) -> Result<Self> {
+    fn load(vb: WeightSource, c: &VaeConfig) -> Result<Self> {
         let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
         let up = (0..reversed.len())
             .map(|i| {
@@ -172,7 +172,7 @@ pub struct Vae {
 
 impl Vae {
     /// Loads the VAE described by `config` from diffusers-named weights.
-    pub fn load(vb: VarBuilder, config: VaeConfig) -> Result<Self> {
+    pub fn load(vb: WeightSource, config: VaeConfig) -> Result<Self> {
         let lc = config.latent_channels;
         let one_by_one = |name: &str, c: usize| Conv2d::load(vb.pp(name), c, c, 1, 0, 1);
         Ok(Self {
