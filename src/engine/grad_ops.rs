@@ -336,7 +336,8 @@ fn nchw(t: &Tensor) -> Result<Nchw> {
 }
 
 impl Conv2d {
-    /// Loads a square-kernel convolution laid out like PyTorch's `nn.Conv2d`.
+    /// Loads a square-kernel convolution laid out like PyTorch's `nn.Conv2d`. For the CPU
+    /// kernels in f32, a kernel that runs in that layout stays where it lies in a mapped file.
     pub fn load(
         vb: WeightSource,
         c_in: usize,
@@ -347,10 +348,16 @@ impl Conv2d {
     ) -> Result<Self> {
         let bias = Some(vb.get(c_out, "bias")?);
         let shape = (c_out, c_in, kernel, kernel);
-        if kernel == 1 && cpu::products() == Products::F32 {
+        let in_place = cpu::products() == Products::F32
+            && PackedConv::keeps_pytorch_layout((c_out, c_in, kernel), padding, stride);
+        if in_place {
             if let Some(values) = vb.mapped_f32(shape, "weight")? {
-                let packed = PackedConv::pointwise(F32Values::Mapped(values), c_out, c_in)
-                    .with_geometry(padding, stride);
+                let packed = PackedConv::from_pytorch(
+                    F32Values::Mapped(values),
+                    (c_out, c_in, kernel),
+                    padding,
+                    stride,
+                );
                 return Ok(Self {
                     weights: ConvWeights::Packed(Arc::new(packed)),
                     bias,

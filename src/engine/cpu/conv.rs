@@ -1,4 +1,4 @@
-//! 2D convolution on the CPU as a sum of matrix products over shifted views: no im2col.
+//! 2D convolution on the CPU as a sum of matrix products over shifted views.
 //!
 //! A `k×k` convolution with stride 1 is `Σ_taps W_tap · shift_tap(x)`, where `W_tap` is the
 //! `(c_out, c_in)` slice of the kernel at one tap. On a zero-padded image whose rows are laid end
@@ -14,13 +14,16 @@
 //! on it.
 //!
 //! The weights are packed once, at load time, as `(k·k, c_out, c_in)`; the products run on
-//! `gemm`, which picks its AVX-512, AVX2 or portable kernels at run time. A 3×3 stride-1 layer
-//! of 128 to 640 channels is transformed for Winograd's F(2×2, 3×3) instead
-//! ([`super::winograd`]), and with bf16 products ([`super::Products::Bf16`]) the sums run on AMX
-//! tiles ([`super::conv_amx`]).
+//! `gemm`, which picks its AVX-512, AVX2 or portable kernels at run time. Wider stride-1 layers
+//! take other forms (see `F32Form`): a 3×3 layer of 128 to 640 channels is transformed for
+//! Winograd's F(2×2, 3×3) ([`super::winograd`]); the wider ones run one product over im2col
+//! columns on PyTorch's layout, which a 1×1 kernel has too, so that neither is copied out of
+//! its weights file ([`super::columns`]). With bf16 products ([`super::Products::Bf16`]) the
+//! sums run on AMX tiles ([`super::conv_amx`]).
 
 use rayon::prelude::*;
 
+use super::columns;
 use super::conv_amx::TileTaps;
 use super::matmul::{product, Matrix};
 use super::winograd::WinogradKernel;
@@ -53,6 +56,36 @@ enum Weights {
     Bf16(TileTaps),
     /// Transformed for Winograd's F(2×2, 3×3) (3×3, stride 1, f32 products).
     Winograd(WinogradKernel),
+    /// PyTorch's `(c_out, c_in·k·k)`, for one product over the image's im2col columns (stride
+    /// 1, f32 products, outside Winograd's range); usually in place in its weights file.
+    Columns(F32Values),
+}
+
+/// The form an f32 kernel takes for its layer's geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum F32Form {
+    Taps,
+    Winograd,
+    Columns,
+}
+
+/// Stride-1 layers with fewer channels than this, in or out, keep packing their kernel tap by
+/// tap: a copy of a few MB at most, and the products the small layers were measured fast with.
+const COLUMNS_MIN_CHANNELS: usize = 128;
+
+impl F32Form {
+    /// Winograd's F(2×2, 3×3) for the 3×3 stride-1 layers it [suits](WinogradKernel::suits),
+    /// one product over im2col columns for the other wide stride-1 layers (the UNet's
+    /// 1280-channel levels), tap by tap for the rest: strided and narrow layers, 1×1 kernels.
+    fn of((c_out, c_in, kernel): (usize, usize, usize), padding: usize, stride: usize) -> Self {
+        if kernel == 3 && stride == 1 && padding <= 2 && WinogradKernel::suits(c_out, c_in) {
+            Self::Winograd
+        } else if kernel > 1 && stride == 1 && c_in.min(c_out) >= COLUMNS_MIN_CHANNELS {
+            Self::Columns
+        } else {
+            Self::Taps
+        }
+    }
 }
 
 /// The shape of an NCHW activation.
@@ -87,7 +120,7 @@ impl Nchw {
 
 /// An image split into the `s²` phases of its zero-padded version, each phase a stack of
 /// channel planes whose rows are laid end to end with room for every tap's shift.
-struct Phases {
+pub(super) struct Phases {
     data: Vec<f32>,
     stride: usize,
     /// Row length of a phase plane.
@@ -100,7 +133,7 @@ struct Phases {
 impl Phases {
     /// Splits `x` (`c × h × w`, one image) padded by `pad_before` rows/columns at the top/left
     /// into `s²` phases of `rows × width` planes (zero where the padded image has no pixel).
-    fn split(
+    pub(super) fn split(
         x: &[f32],
         (c, h, w): (usize, usize, usize),
         pad_before: usize,
@@ -144,8 +177,21 @@ impl Phases {
         }
     }
 
+    /// `len` elements of channel `channel`'s plane of a stride-1 split (one phase), starting
+    /// at pixel `(dy, dx)` of the padded image.
+    pub(super) fn channel_run(
+        &self,
+        channel: usize,
+        (dy, dx): (usize, usize),
+        len: usize,
+    ) -> &[f32] {
+        debug_assert_eq!(self.stride, 1, "one phase");
+        let start = channel * self.plane + dy * self.width + dx;
+        &self.data[start..start + len]
+    }
+
     /// The `(channels, ·)` matrix of phase `(a, b)` shifted by `(dy, dx)` phase pixels.
-    fn shifted(&self, (a, b): (usize, usize), (dy, dx): (usize, usize)) -> Matrix {
+    pub(super) fn shifted(&self, (a, b): (usize, usize), (dy, dx): (usize, usize)) -> Matrix {
         let phase = a * self.stride + b;
         let offset = phase * self.channels * self.plane + dy * self.width + dx;
         // Callers keep `offset + (channels−1)·plane + n` in bounds by sizing the planes with a
@@ -189,38 +235,71 @@ impl PackedConv {
         }
     }
 
-    /// A 1×1 kernel for f32 products, `(c_out, c_in)` values used where they are (no copy).
-    pub fn pointwise(values: F32Values, c_out: usize, c_in: usize) -> Self {
-        assert_eq!(values.len(), c_out * c_in, "kernel size");
+    /// An f32 kernel in PyTorch's `(c_out, c_in, k, k)` layout for a layer of this padding and
+    /// stride: kept as it is where [its layer reads that layout](Self::keeps_pytorch_layout),
+    /// else packed.
+    pub fn from_pytorch(
+        weight: F32Values,
+        (c_out, c_in, kernel): (usize, usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> Self {
+        assert_eq!(weight.len(), c_out * c_in * kernel * kernel, "kernel size");
+        let weights = match F32Form::of((c_out, c_in, kernel), padding, stride) {
+            F32Form::Columns => Weights::Columns(weight),
+            F32Form::Taps if kernel == 1 => Weights::F32(weight),
+            F32Form::Taps => Self::pack(&weight, c_out, c_in, kernel, Products::F32).weights,
+            F32Form::Winograd => {
+                let Weights::F32(taps) =
+                    Self::pack(&weight, c_out, c_in, kernel, Products::F32).weights
+                else {
+                    unreachable!("f32 packing gives taps")
+                };
+                Weights::Winograd(WinogradKernel::from_taps(&taps, c_out, c_in))
+            }
+        };
         Self {
-            weights: Weights::F32(values),
+            weights,
             c_out,
             c_in,
-            kernel: 1,
-            padding: 0,
-            stride: 1,
+            kernel,
+            padding,
+            stride,
         }
     }
 
-    /// The same kernel with another padding and stride. A 3×3 kernel with stride 1 and f32
-    /// products is transformed for Winograd's F(2×2, 3×3) here when its layer
-    /// [suits](WinogradKernel::suits) it.
+    /// Whether an f32 kernel of `(c_out, c_in, kernel)` runs in PyTorch's layout as it is in a
+    /// layer of this padding and stride (1×1 kernels, and stride-1 layers outside Winograd's
+    /// range), so that it can stay where it lies in its weights file.
+    pub fn keeps_pytorch_layout(
+        (c_out, c_in, kernel): (usize, usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> bool {
+        match F32Form::of((c_out, c_in, kernel), padding, stride) {
+            F32Form::Columns => true,
+            F32Form::Taps => kernel == 1,
+            F32Form::Winograd => false,
+        }
+    }
+
+    /// The same kernel with another padding and stride, in the form that geometry runs (see
+    /// [`Self::from_pytorch`]).
     pub fn with_geometry(mut self, padding: usize, stride: usize) -> Self {
         assert!(stride >= 1, "stride 0");
         self.padding = padding;
         self.stride = stride;
-        if let Weights::Winograd(kernel) = &self.weights {
-            self.weights = Weights::F32(F32Values::Owned(kernel.to_taps()));
+        let current = match &self.weights {
+            Weights::Bf16(_) => return self,
+            Weights::F32(_) => F32Form::Taps,
+            Weights::Winograd(_) => F32Form::Winograd,
+            Weights::Columns(_) => F32Form::Columns,
+        };
+        if current == F32Form::of((self.c_out, self.c_in, self.kernel), padding, stride) {
+            return self;
         }
-        let winograd = self.kernel == 3
-            && stride == 1
-            && padding <= 2
-            && WinogradKernel::suits(self.c_out, self.c_in);
-        if let (true, Weights::F32(taps)) = (winograd, &self.weights) {
-            self.weights =
-                Weights::Winograd(WinogradKernel::from_taps(taps, self.c_out, self.c_in));
-        }
-        self
+        let shape = (self.c_out, self.c_in, self.kernel);
+        Self::from_pytorch(F32Values::Owned(self.unpack()), shape, padding, stride)
     }
 
     /// Back to PyTorch's `(c_out, c_in, k, k)` layout (for other devices and tests); bf16
@@ -235,6 +314,7 @@ impl PackedConv {
                 &transformed
             }
             Weights::Bf16(tiles) => return tiles.unpack(self.c_out, self.c_in, self.kernel),
+            Weights::Columns(values) => return values.to_vec(),
         };
         let mut weight = vec![0f32; taps.len()];
         for (tap, chunk) in taps.chunks(self.c_out * self.c_in).enumerate() {
@@ -258,7 +338,7 @@ impl PackedConv {
     /// The `(c_out, c_in)` f32 slice of one tap.
     fn tap(&self, tap: usize) -> &[f32] {
         let Weights::F32(taps) = &self.weights else {
-            unreachable!("tap products on bf16 or Winograd weights")
+            unreachable!("tap products on bf16, Winograd or column weights")
         };
         &taps[tap * self.c_out * self.c_in..(tap + 1) * self.c_out * self.c_in]
     }
@@ -295,6 +375,10 @@ impl PackedConv {
             }
             Weights::Winograd(kernel) => {
                 let y = kernel.forward(x, input, self.padding, (bias, extra), output);
+                return (y, output);
+            }
+            Weights::Columns(weight) => {
+                let y = columns::forward(self, weight, x, input, (bias, extra), output);
                 return (y, output);
             }
             Weights::F32(_) => {}
@@ -359,6 +443,9 @@ impl PackedConv {
             Weights::Bf16(tiles) => return tiles.input_grad(self, g, input, (ho, wo)),
             Weights::Winograd(kernel) => {
                 return kernel.input_grad(g, input, self.padding, (ho, wo))
+            }
+            Weights::Columns(weight) => {
+                return columns::input_grad(self, weight, g, input, (ho, wo))
             }
             Weights::F32(_) => {}
         }
@@ -614,28 +701,41 @@ mod tests {
             let offset = random(&[n, co], seed + 3);
             let packed =
                 PackedConv::pack(&values(&weight), co, ci, k, Products::F32).with_geometry(p, s);
-            let winograd = matches!(packed.weights, Weights::Winograd(_));
+            let winograd = k == 3 && s == 1 && p <= 2 && WinogradKernel::suits(co, ci);
+            let path = |packed: &PackedConv| match packed.weights {
+                Weights::Winograd(_) => "winograd",
+                Weights::Columns(_) => "columns",
+                _ => "taps",
+            };
+            let expected = match (winograd, s, k, ci.min(co) >= COLUMNS_MIN_CHANNELS) {
+                (true, ..) => "winograd",
+                (false, 1, 3, true) => "columns",
+                _ => "taps",
+            };
             assert_eq!(
-                winograd,
-                k == 3 && s == 1 && p <= 2 && WinogradKernel::suits(co, ci),
-                "{what}: 3×3 stride-1 layers of 128 channels and more take Winograd's path"
+                path(&packed),
+                expected,
+                "{what}: the form its geometry runs"
             );
-            // The same kernel tap by tap, as the layers too large for Winograd run it.
+            // The same kernel tap by tap, and every stride-1 one over im2col columns too.
             let taps = PackedConv {
                 padding: p,
                 stride: s,
                 ..PackedConv::pack(&values(&weight), co, ci, k, Products::F32)
             };
-            let variants = if winograd {
-                vec![packed, taps]
-            } else {
-                vec![packed]
+            let columns = PackedConv {
+                weights: Weights::Columns(F32Values::Owned(values(&weight))),
+                ..taps.clone()
             };
+            let mut variants = vec![packed];
+            if expected != "taps" {
+                variants.push(taps);
+            }
+            if s == 1 && k > 1 && expected != "columns" {
+                variants.push(columns);
+            }
             for packed in variants {
-                let path = match packed.weights {
-                    Weights::Winograd(_) => "winograd",
-                    _ => "taps",
-                };
+                let path = path(&packed);
                 let what = format!("{what} {path}");
                 check_against_candle(&packed, (&x, &weight, &bias, &offset), (p, s), seed, &what);
             }
@@ -741,7 +841,8 @@ mod tests {
     }
 
     /// Winograd's rounding is larger than the taps' (its sums run over transformed values that
-    /// partly cancel); at a full-size layer's width it stays within a small factor of theirs.
+    /// partly cancel); at a full-size layer's width it stays within a small factor of theirs, as
+    /// the single im2col product's (its sums run over the taps and channels at once) does.
     #[test]
     fn rounding_stays_within_a_small_factor_of_the_taps() {
         let (c_in, c_out, h, w) = (256, 256, 10, 9);
@@ -768,12 +869,20 @@ mod tests {
             padding: 1,
             ..PackedConv::pack(&weight, c_out, c_in, 3, Products::F32)
         };
-        let (ours, plain) = (error(&winograd), error(&taps));
-        eprintln!("relative error: winograd {ours:.2e}, taps {plain:.2e}");
-        assert!(ours < 1e-6, "winograd error {ours:e}");
-        assert!(
-            ours < 4.0 * plain.max(1e-8),
-            "winograd {ours:e} against taps {plain:e}"
+        let columns = PackedConv {
+            weights: Weights::Columns(F32Values::Owned(weight.clone())),
+            ..taps.clone()
+        };
+        let (ours, plain, one_product) = (error(&winograd), error(&taps), error(&columns));
+        eprintln!(
+            "relative error: winograd {ours:.2e}, taps {plain:.2e}, columns {one_product:.2e}"
         );
+        assert!(ours < 1e-6, "winograd error {ours:e}");
+        for (name, error) in [("winograd", ours), ("columns", one_product)] {
+            assert!(
+                error < 4.0 * plain.max(1e-8),
+                "{name} {error:e} against taps {plain:e}"
+            );
+        }
     }
 }

@@ -10,13 +10,14 @@ pub type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 /// Convolutions the kernels are tested on: `(n, c_in, c_out, h, w, kernel, padding, stride)`,
 /// odd sizes, both strides and kernels, paddings 0–2, channel counts below, at and above one AMX
 /// `k` block, and layers wide enough for Winograd's path.
-pub const CONV_CASES: [ConvCase; 12] = [
+pub const CONV_CASES: [ConvCase; 13] = [
     (1, 3, 5, 7, 9, 3, 1, 1),
     (2, 4, 6, 8, 8, 3, 1, 2),
     (1, 5, 3, 9, 6, 3, 0, 2),
     (1, 4, 4, 11, 10, 3, 1, 2),
     (1, 40, 36, 11, 10, 3, 1, 2),
     (2, 3, 4, 6, 7, 3, 2, 1),
+    (1, 6, 5, 7, 8, 3, 0, 1),
     (1, 8, 16, 5, 5, 1, 0, 1),
     (2, 2, 3, 5, 4, 1, 0, 2),
     (1, 17, 33, 13, 3, 3, 1, 1),
