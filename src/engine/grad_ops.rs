@@ -196,11 +196,11 @@ impl Linear {
             return Ok(Self::new(weight, bias));
         };
         let weight = match cpu::products() {
-            Products::Bf16 => LinearWeight::Tiles(Arc::new(TileLinear::pack(
-                values.as_slice(),
-                out_features,
-                in_features,
-            ))),
+            Products::Bf16 => {
+                let tiles = TileLinear::pack(values.as_slice(), out_features, in_features);
+                values.release();
+                LinearWeight::Tiles(Arc::new(tiles))
+            }
             Products::F32 => LinearWeight::Mapped {
                 values,
                 out_features,
@@ -348,23 +348,32 @@ impl Conv2d {
     ) -> Result<Self> {
         let bias = Some(vb.get(c_out, "bias")?);
         let shape = (c_out, c_in, kernel, kernel);
-        let in_place = cpu::products() == Products::F32
-            && PackedConv::keeps_pytorch_layout((c_out, c_in, kernel), padding, stride);
-        if in_place {
-            if let Some(values) = vb.mapped_f32(shape, "weight")? {
-                let packed = PackedConv::from_pytorch(
-                    F32Values::Mapped(values),
-                    (c_out, c_in, kernel),
+        if let Some(values) = vb.mapped_f32(shape, "weight")? {
+            let (products, dims) = (cpu::products(), (c_out, c_in, kernel));
+            let packed = match products {
+                Products::F32 => PackedConv::from_pytorch(
+                    F32Values::Mapped(values.clone()),
+                    dims,
                     padding,
                     stride,
-                );
-                return Ok(Self {
-                    weights: ConvWeights::Packed(Arc::new(packed)),
-                    bias,
-                    padding,
-                    stride,
-                });
+                ),
+                Products::Bf16 => {
+                    PackedConv::pack(values.as_slice(), c_out, c_in, kernel, products)
+                        .with_geometry(padding, stride)
+                }
+            };
+            let in_place = products == Products::F32
+                && PackedConv::keeps_pytorch_layout(dims, padding, stride);
+            if !in_place {
+                // Packed from the mapping: its pages are no longer needed.
+                values.release();
             }
+            return Ok(Self {
+                weights: ConvWeights::Packed(Arc::new(packed)),
+                bias,
+                padding,
+                stride,
+            });
         }
         let weight = vb.get(shape, "weight")?;
         let weights = if cpu::handles(&weight) {

@@ -7,8 +7,9 @@
 //! new page is zeroed (and, in a virtual machine, first backed by the host) before it is filled.
 //! So a layer whose kernel reads the weights in the file's own layout (a linear layer, a 1×1
 //! convolution, on the CPU in f32) borrows them from the mapping ([`MappedF32`]): those pages are
-//! the page cache's, already in memory, and nothing is copied. Every other tensor is read into its
-//! own buffer with a positioned read, which leaves nothing mapped.
+//! the page cache's, already in memory, and nothing is copied. A kernel packed at load reads the
+//! mapping too and then hands its pages back ([`MappedF32::release`]); every other tensor is read
+//! into its own buffer with a positioned read, which leaves nothing mapped.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -242,6 +243,25 @@ impl MappedF32 {
         // SAFETY: `mapped_f32` checked that the range lies in the mapping, is aligned for f32 and
         // holds `len` little-endian f32 values; any bits are a valid f32.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset).cast(), self.len) }
+    }
+}
+
+impl MappedF32 {
+    /// Hands these values' pages back to the system, for a tensor that was only read to be packed:
+    /// they stay in the page cache, no longer count as the process's memory, and are mapped again
+    /// from the file if read. (On other systems than Unix, it does nothing.)
+    pub fn release(self) {
+        #[cfg(unix)]
+        // SAFETY: the mapping is private and never written, so dropping its pages loses nothing:
+        // the next read of any value in them maps the file's unchanged pages again.
+        unsafe {
+            // Best effort: the pages only stay counted if the advice fails.
+            let _ = self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.offset,
+                self.len * std::mem::size_of::<f32>(),
+            );
+        }
     }
 }
 

@@ -250,12 +250,7 @@ impl PackedConv {
             F32Form::Taps if kernel == 1 => Weights::F32(weight),
             F32Form::Taps => Self::pack(&weight, c_out, c_in, kernel, Products::F32).weights,
             F32Form::Winograd => {
-                let Weights::F32(taps) =
-                    Self::pack(&weight, c_out, c_in, kernel, Products::F32).weights
-                else {
-                    unreachable!("f32 packing gives taps")
-                };
-                Weights::Winograd(WinogradKernel::from_taps(&taps, c_out, c_in))
+                Weights::Winograd(WinogradKernel::from_pytorch(&weight, c_out, c_in))
             }
         };
         Self {
@@ -295,11 +290,15 @@ impl PackedConv {
             Weights::Winograd(_) => F32Form::Winograd,
             Weights::Columns(_) => F32Form::Columns,
         };
-        if current == F32Form::of((self.c_out, self.c_in, self.kernel), padding, stride) {
-            return self;
-        }
         let shape = (self.c_out, self.c_in, self.kernel);
-        Self::from_pytorch(F32Values::Owned(self.unpack()), shape, padding, stride)
+        match (&self.weights, F32Form::of(shape, padding, stride)) {
+            (_, wanted) if wanted == current => self,
+            (Weights::F32(taps), F32Form::Winograd) => {
+                self.weights = Weights::Winograd(WinogradKernel::from_taps(taps, shape.0, shape.1));
+                self
+            }
+            _ => Self::from_pytorch(F32Values::Owned(self.unpack()), shape, padding, stride),
+        }
     }
 
     /// Back to PyTorch's `(c_out, c_in, k, k)` layout (for other devices and tests); bf16

@@ -64,10 +64,22 @@ impl WinogradKernel {
         (128..=640).contains(&c_out) && (128..=1920).contains(&c_in)
     }
 
-    /// Transforms a kernel packed tap by tap, `(9, c_out, c_in)`.
+    /// Transforms `(9, c_out, c_in)` taps: `U = G g Gᵀ` for every channel pair.
     pub(super) fn from_taps(taps: &[f32], c_out: usize, c_in: usize) -> Self {
         let pairs = c_out * c_in;
         assert_eq!(taps.len(), 9 * pairs, "kernel size");
+        Self::transform(|pair, tap| taps[tap * pairs + pair], c_out, c_in)
+    }
+
+    /// Transforms a kernel in PyTorch's `(c_out, c_in, 3, 3)` layout, as it lies in its file.
+    pub(super) fn from_pytorch(weight: &[f32], c_out: usize, c_in: usize) -> Self {
+        assert_eq!(weight.len(), 9 * c_out * c_in, "kernel size");
+        Self::transform(|pair, tap| weight[pair * 9 + tap], c_out, c_in)
+    }
+
+    /// `U = G g Gᵀ` for every channel pair, `tap(pair, kh·3 + kw)` giving `g`.
+    fn transform(tap: impl Fn(usize, usize) -> f32 + Sync, c_out: usize, c_in: usize) -> Self {
+        let pairs = c_out * c_in;
         let mut transformed = vec![0f32; POSITIONS * pairs];
         // Each chunk is one position's `(c_out, c_in)` matrix.
         transformed
@@ -76,7 +88,7 @@ impl WinogradKernel {
             .for_each(|(position, dst)| {
                 let (xi, nu) = (position / 4, position % 4);
                 for (pair, d) in dst.iter_mut().enumerate() {
-                    let g = |kh: usize, kw: usize| taps[(kh * 3 + kw) * pairs + pair];
+                    let g = |kh: usize, kw: usize| tap(pair, kh * 3 + kw);
                     // Row `nu` of G applied to row `kh` of g, then row `xi` of G to the columns.
                     let row = |kh: usize| g_row(nu, [g(kh, 0), g(kh, 1), g(kh, 2)]);
                     *d = g_row(xi, [row(0), row(1), row(2)]);
