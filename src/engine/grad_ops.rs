@@ -245,16 +245,20 @@ impl Linear {
         Some(Ok((values, shape)))
     }
 
+    /// The bias as f32 values, for the CPU kernels.
+    fn bias_values(&self) -> Result<Option<Vec<f32>>> {
+        self.bias
+            .as_ref()
+            .map(|b| cpu::with_f32(b, <[f32]>::to_vec))
+            .transpose()
+    }
+
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(mapped) = self.mapped_for(x, |in_features, _| in_features) {
             let (values, shape) = mapped?;
             let mut dims = x.dims().to_vec();
             *dims.last_mut().expect("rank ≥ 1") = shape.out_features;
-            let bias = self
-                .bias
-                .as_ref()
-                .map(|b| cpu::with_f32(b, <[f32]>::to_vec))
-                .transpose()?;
+            let bias = self.bias_values()?;
             let y = cpu::with_f32(x, |x| {
                 cpu::linear::forward(x, values.as_slice(), bias.as_deref(), shape)
             })?;
@@ -263,11 +267,7 @@ impl Linear {
         if let Some(tiles) = self.tiles_for(x) {
             let mut dims = x.dims().to_vec();
             *dims.last_mut().expect("rank ≥ 1") = tiles.out_features();
-            let bias = self
-                .bias
-                .as_ref()
-                .map(|b| cpu::with_f32(b, <[f32]>::to_vec))
-                .transpose()?;
+            let bias = self.bias_values()?;
             let y = cpu::with_f32(x, |x| tiles.forward(x, bias.as_deref()))?;
             return cpu::tensor(y, dims);
         }

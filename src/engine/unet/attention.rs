@@ -64,13 +64,10 @@ impl Attention {
         name: String,
     ) -> Result<Self> {
         let inner = query_dim;
-        let to_q = vb.get((inner, query_dim), "to_q.weight")?;
-        let to_k = vb.get((inner, context_dim), "to_k.weight")?;
-        let to_v = vb.get((inner, context_dim), "to_v.weight")?;
         Ok(Self {
-            to_q: Linear::new(to_q, None),
-            to_k: Linear::new(to_k, None),
-            to_v: Linear::new(to_v, None),
+            to_q: Linear::load(vb.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::load(vb.pp("to_k"), context_dim, inner, false)?,
+            to_v: Linear::load(vb.pp("to_v"), context_dim, inner, false)?,
             to_out: Linear::load(vb.pp("to_out.0"), inner, query_dim, true)?,
             heads,
             scale: 1.0 / ((inner / heads) as f64).sqrt(),
