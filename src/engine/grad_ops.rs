@@ -362,9 +362,7 @@ impl Conv2d {
                         .with_geometry(padding, stride)
                 }
             };
-            let in_place = products == Products::F32
-                && PackedConv::keeps_pytorch_layout(dims, padding, stride);
-            if !in_place {
+            if !packed.borrows_file() {
                 // Packed from the mapping: its pages are no longer needed.
                 values.release();
             }

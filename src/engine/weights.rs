@@ -95,23 +95,35 @@ impl SafetensorsFile {
     }
 
     /// `name`'s values in place in the mapping, when the file holds them as little-endian f32 at an
-    /// aligned offset; `None` otherwise (read a copy instead).
-    fn mapped_f32(&self, name: &str) -> Option<MappedF32> {
-        let map = self.map.as_ref()?;
-        let entry = self.entries.get(name)?;
-        let start = usize::try_from(self.data_start + entry.data_offsets.0).ok()?;
-        let bytes = usize::try_from(entry.data_offsets.1 - entry.data_offsets.0).ok()?;
+    /// aligned offset; `None` otherwise (read a copy instead). They must have `shape`.
+    fn mapped_f32(&self, name: &str, shape: &Shape) -> Result<Option<MappedF32>> {
+        let (Some(map), Some(entry)) = (self.map.as_ref(), self.entries.get(name)) else {
+            return Ok(None);
+        };
+        if entry.shape != shape.dims() {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape.clone(),
+                got: entry.shape.clone().into(),
+            });
+        }
+        let (Ok(start), Ok(bytes)) = (
+            usize::try_from(self.data_start + entry.data_offsets.0),
+            usize::try_from(entry.data_offsets.1 - entry.data_offsets.0),
+        ) else {
+            return Ok(None);
+        };
         let len = entry.shape.iter().product::<usize>();
         let fits = entry.dtype == Dtype::F32
             && cfg!(target_endian = "little")
             && bytes == len * 4
             && (map.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<f32>())
             && start + bytes <= map.len();
-        fits.then(|| MappedF32 {
+        Ok(fits.then(|| MappedF32 {
             map: Arc::clone(map),
             offset: start,
             len,
-        })
+        }))
     }
 
     /// Reads `name` onto the CPU in the file's dtype.
@@ -244,9 +256,7 @@ impl MappedF32 {
         // holds `len` little-endian f32 values; any bits are a valid f32.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset).cast(), self.len) }
     }
-}
 
-impl MappedF32 {
     /// Hands these values' pages back to the system, for a tensor that was only read to be packed:
     /// they stay in the page cache, no longer count as the process's memory, and are mapped again
     /// from the file if read. (On other systems than Unix, it does nothing.)
@@ -362,19 +372,7 @@ impl WeightSource {
         } else {
             format!("{}.{name}", self.vb.prefix())
         };
-        let Some(mapped) = file.mapped_f32(&full_name) else {
-            return Ok(None);
-        };
-        let shape = shape.into();
-        let entry = &file.entries[&full_name];
-        if entry.shape != shape.dims() {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {full_name}"),
-                expected: shape,
-                got: entry.shape.clone().into(),
-            });
-        }
-        Ok(Some(mapped))
+        file.mapped_f32(&full_name, &shape.into())
     }
 }
 

@@ -236,8 +236,8 @@ impl PackedConv {
     }
 
     /// An f32 kernel in PyTorch's `(c_out, c_in, k, k)` layout for a layer of this padding and
-    /// stride: kept as it is where [its layer reads that layout](Self::keeps_pytorch_layout),
-    /// else packed.
+    /// stride: kept as it is where its layer reads that layout (1×1 kernels, and stride-1 layers
+    /// outside Winograd's range), else packed.
     pub fn from_pytorch(
         weight: F32Values,
         (c_out, c_in, kernel): (usize, usize, usize),
@@ -263,19 +263,13 @@ impl PackedConv {
         }
     }
 
-    /// Whether an f32 kernel of `(c_out, c_in, kernel)` runs in PyTorch's layout as it is in a
-    /// layer of this padding and stride (1×1 kernels, and stride-1 layers outside Winograd's
-    /// range), so that it can stay where it lies in its weights file.
-    pub fn keeps_pytorch_layout(
-        (c_out, c_in, kernel): (usize, usize, usize),
-        padding: usize,
-        stride: usize,
-    ) -> bool {
-        match F32Form::of((c_out, c_in, kernel), padding, stride) {
-            F32Form::Columns => true,
-            F32Form::Taps => kernel == 1,
-            F32Form::Winograd => false,
-        }
+    /// Whether the kernel still holds values borrowed from its weights file (it runs in PyTorch's
+    /// layout as it lies there); otherwise it was packed, and the file's pages can go.
+    pub fn borrows_file(&self) -> bool {
+        matches!(
+            &self.weights,
+            Weights::F32(F32Values::Mapped(_)) | Weights::Columns(F32Values::Mapped(_))
+        )
     }
 
     /// The same kernel with another padding and stride, in the form that geometry runs (see
@@ -284,15 +278,12 @@ impl PackedConv {
         assert!(stride >= 1, "stride 0");
         self.padding = padding;
         self.stride = stride;
-        let current = match &self.weights {
-            Weights::Bf16(_) => return self,
-            Weights::F32(_) => F32Form::Taps,
-            Weights::Winograd(_) => F32Form::Winograd,
-            Weights::Columns(_) => F32Form::Columns,
-        };
         let shape = (self.c_out, self.c_in, self.kernel);
         match (&self.weights, F32Form::of(shape, padding, stride)) {
-            (_, wanted) if wanted == current => self,
+            (Weights::Bf16(_), _)
+            | (Weights::F32(_), F32Form::Taps)
+            | (Weights::Winograd(_), F32Form::Winograd)
+            | (Weights::Columns(_), F32Form::Columns) => self,
             (Weights::F32(taps), F32Form::Winograd) => {
                 self.weights = Weights::Winograd(WinogradKernel::from_taps(taps, shape.0, shape.1));
                 self
