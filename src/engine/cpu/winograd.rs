@@ -27,6 +27,9 @@ use super::DisjointWrites;
 /// Positions of a transformed 4×4 block.
 const POSITIONS: usize = 16;
 
+/// Channel pairs one task of the load-time kernel transform takes at least.
+const PAIRS_PER_TASK: usize = 1 << 12;
+
 /// A 3×3 kernel transformed for F(2×2, 3×3): `U = G g Gᵀ`, as `(16, c_out, c_in)`.
 #[derive(Debug, Clone)]
 pub(super) struct WinogradKernel {
@@ -78,20 +81,33 @@ impl WinogradKernel {
     }
 
     /// `U = G g Gᵀ` for every channel pair, `tap(pair, kh·3 + kw)` giving `g`.
+    ///
+    /// Each pair's nine taps are read once and its `G g` rows computed once; its 16 values go
+    /// to the 16 positions' matrices. (Going position by position instead read every kernel 16
+    /// times and redid `G g` for each position: most of a model's loading time.)
     fn transform(tap: impl Fn(usize, usize) -> f32 + Sync, c_out: usize, c_in: usize) -> Self {
         let pairs = c_out * c_in;
         let mut transformed = vec![0f32; POSITIONS * pairs];
-        // Each chunk is one position's `(c_out, c_in)` matrix.
-        transformed
-            .par_chunks_mut(pairs)
-            .enumerate()
-            .for_each(|(position, dst)| {
-                let (xi, nu) = (position / 4, position % 4);
-                for (pair, d) in dst.iter_mut().enumerate() {
-                    let g = |kh: usize, kw: usize| tap(pair, kh * 3 + kw);
-                    // Row `nu` of G applied to row `kh` of g, then row `xi` of G to the columns.
-                    let row = |kh: usize| g_row(nu, [g(kh, 0), g(kh, 1), g(kh, 2)]);
-                    *d = g_row(xi, [row(0), row(1), row(2)]);
+        let out = DisjointWrites(transformed.as_mut_ptr());
+        (0..pairs)
+            .into_par_iter()
+            .with_min_len(PAIRS_PER_TASK)
+            .for_each(|pair| {
+                // `gg[kh][nu]`: row `nu` of G applied to row `kh` of g.
+                let gg: [[f32; 4]; 3] = std::array::from_fn(|kh| {
+                    let row = [
+                        tap(pair, kh * 3),
+                        tap(pair, kh * 3 + 1),
+                        tap(pair, kh * 3 + 2),
+                    ];
+                    std::array::from_fn(|nu| g_row(nu, row))
+                });
+                for position in 0..POSITIONS {
+                    let (xi, nu) = (position / 4, position % 4);
+                    let value = g_row(xi, [gg[0][nu], gg[1][nu], gg[2][nu]]);
+                    // SAFETY: `position · pairs + pair` is inside `transformed`, and only this
+                    // pair's task writes it.
+                    unsafe { *out.ptr().add(position * pairs + pair) = value };
                 }
             });
         Self {
