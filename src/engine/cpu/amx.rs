@@ -158,33 +158,62 @@ impl Tiles {
         cols: usize,
         at: impl Fn(usize, usize) -> f32 + Sync,
     ) -> Self {
+        let mut packed = Self::pack_each(operand, rows, cols, 1, |r, c, values| {
+            values[0] = at(r, c);
+        });
+        packed.pop().expect("one matrix packed")
+    }
+
+    /// Packs `count` matrices of `rows × cols` as `operand` in one pass: `at(r, c, values)`
+    /// sets `values[j]` to element `(r, c)` of matrix `j`. A source that holds the matrices'
+    /// elements side by side (a convolution's taps) is read once, instead of once per matrix.
+    pub fn pack_each(
+        operand: Operand,
+        rows: usize,
+        cols: usize,
+        count: usize,
+        at: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) -> Vec<Self> {
         let (outer, depth) = match operand {
             Operand::A => (rows, cols),
             Operand::B => (cols, rows),
         };
         let k_blocks = depth.div_ceil(TILE_K);
         let tile = TILE * TILE_K;
-        let mut data = vec![0u16; round_up(outer, BLOCK) / TILE * k_blocks * tile];
-        data.par_chunks_mut(tile).enumerate().for_each(|(t, dst)| {
+        let tiles = round_up(outer, BLOCK) / TILE * k_blocks;
+        let mut data: Vec<Vec<u16>> = (0..count).map(|_| vec![0u16; tiles * tile]).collect();
+        let dst: Vec<DisjointWrites<u16>> = data
+            .iter_mut()
+            .map(|matrix| DisjointWrites(matrix.as_mut_ptr()))
+            .collect();
+        (0..tiles).into_par_iter().for_each(|t| {
             let (ot, kb) = (t / k_blocks, t % k_blocks);
+            let mut values = vec![0f32; count];
             for i in 0..TILE.min(outer.saturating_sub(ot * TILE)) {
                 for kk in 0..TILE_K.min(depth - kb * TILE_K) {
                     let (o, k) = (ot * TILE + i, kb * TILE_K + kk);
-                    let value = match operand {
-                        Operand::A => at(o, k),
-                        Operand::B => at(k, o),
-                    };
-                    dst[operand.slot(i, kk)] = bf16(value);
+                    match operand {
+                        Operand::A => at(o, k, &mut values),
+                        Operand::B => at(k, o, &mut values),
+                    }
+                    let slot = t * tile + operand.slot(i, kk);
+                    for (matrix, &value) in dst.iter().zip(&values) {
+                        // SAFETY: `slot` lies in tile `t` of each matrix's `tiles · tile`
+                        // elements, and only tile `t`'s task writes there.
+                        unsafe { *matrix.ptr().add(slot) = bf16(value) };
+                    }
                 }
             }
         });
-        Self {
-            data,
-            operand,
-            rows,
-            cols,
-            k_blocks,
-        }
+        data.into_iter()
+            .map(|data| Self {
+                data,
+                operand,
+                rows,
+                cols,
+                k_blocks,
+            })
+            .collect()
     }
 
     /// Element `(r, c)` as f32 (what the products use).

@@ -40,13 +40,9 @@ impl TileTaps {
     pub fn pack(weight: &[f32], c_out: usize, c_in: usize, kernel: usize) -> Self {
         super::amx::require();
         let taps_n = kernel * kernel;
-        let taps = (0..taps_n)
-            .map(|tap| {
-                Tiles::pack(Operand::A, c_out, c_in, |o, i| {
-                    weight[(o * c_in + i) * taps_n + tap]
-                })
-            })
-            .collect();
+        let taps = Tiles::pack_each(Operand::A, c_out, c_in, taps_n, |o, i, values| {
+            values.copy_from_slice(&weight[(o * c_in + i) * taps_n..][..taps_n]);
+        });
         Self {
             taps,
             transposed: OnceLock::new(),

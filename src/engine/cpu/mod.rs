@@ -193,15 +193,15 @@ pub fn with_products<R>(
 
 /// An output pointer shared by parallel tasks that each write elements no other task touches.
 #[derive(Clone, Copy)]
-pub(crate) struct DisjointWrites(pub *mut f32);
+pub(crate) struct DisjointWrites<T = f32>(pub *mut T);
 
 // SAFETY: only built by callers whose tasks write disjoint elements (see each use).
-unsafe impl Send for DisjointWrites {}
-unsafe impl Sync for DisjointWrites {}
+unsafe impl<T> Send for DisjointWrites<T> {}
+unsafe impl<T> Sync for DisjointWrites<T> {}
 
-impl DisjointWrites {
+impl<T> DisjointWrites<T> {
     /// The pointer (a method, so that closures capture the whole value, which is `Send`).
-    pub(crate) fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut T {
         self.0
     }
 }
