@@ -150,6 +150,66 @@ pub struct Tiles {
     k_blocks: usize,
 }
 
+/// How a `rows × cols` matrix lies in the tiles of one operand.
+#[derive(Debug, Clone, Copy)]
+struct TileLayout {
+    operand: Operand,
+    /// Rows or columns along `m` (for `a`) or `n` (for `b`).
+    outer: usize,
+    /// Length along `k`.
+    depth: usize,
+    k_blocks: usize,
+}
+
+impl TileLayout {
+    /// Elements of one tile.
+    const TILE_LEN: usize = TILE * TILE_K;
+
+    fn new(operand: Operand, rows: usize, cols: usize) -> Self {
+        let (outer, depth) = match operand {
+            Operand::A => (rows, cols),
+            Operand::B => (cols, rows),
+        };
+        Self {
+            operand,
+            outer,
+            depth,
+            k_blocks: depth.div_ceil(TILE_K),
+        }
+    }
+
+    /// Tiles in all, zero-padded to whole blocks.
+    fn tiles(&self) -> usize {
+        round_up(self.outer, BLOCK) / TILE * self.k_blocks
+    }
+
+    /// Calls `f(slot, r, c)` for each element `(r, c)` of the matrix that lies in tile `t`,
+    /// `slot` being its place in the tile.
+    fn visit(&self, t: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let (ot, kb) = (t / self.k_blocks, t % self.k_blocks);
+        for i in 0..TILE.min(self.outer.saturating_sub(ot * TILE)) {
+            for kk in 0..TILE_K.min(self.depth - kb * TILE_K) {
+                let (o, k) = (ot * TILE + i, kb * TILE_K + kk);
+                let slot = self.operand.slot(i, kk);
+                match self.operand {
+                    Operand::A => f(slot, o, k),
+                    Operand::B => f(slot, k, o),
+                }
+            }
+        }
+    }
+
+    fn packed(self, data: Vec<u16>, rows: usize, cols: usize) -> Tiles {
+        Tiles {
+            data,
+            operand: self.operand,
+            rows,
+            cols,
+            k_blocks: self.k_blocks,
+        }
+    }
+}
+
 impl Tiles {
     /// Packs the `rows × cols` matrix whose element `(r, c)` is `at(r, c)` as `operand`.
     pub fn pack(
@@ -158,10 +218,12 @@ impl Tiles {
         cols: usize,
         at: impl Fn(usize, usize) -> f32 + Sync,
     ) -> Self {
-        let mut packed = Self::pack_each(operand, rows, cols, 1, |r, c, values| {
-            values[0] = at(r, c);
-        });
-        packed.pop().expect("one matrix packed")
+        let layout = TileLayout::new(operand, rows, cols);
+        let mut data = vec![0u16; layout.tiles() * TileLayout::TILE_LEN];
+        data.par_chunks_mut(TileLayout::TILE_LEN)
+            .enumerate()
+            .for_each(|(t, dst)| layout.visit(t, |slot, r, c| dst[slot] = bf16(at(r, c))));
+        layout.packed(data, rows, cols)
     }
 
     /// Packs `count` matrices of `rows × cols` as `operand` in one pass: `at(r, c, values)`
@@ -174,45 +236,26 @@ impl Tiles {
         count: usize,
         at: impl Fn(usize, usize, &mut [f32]) + Sync,
     ) -> Vec<Self> {
-        let (outer, depth) = match operand {
-            Operand::A => (rows, cols),
-            Operand::B => (cols, rows),
-        };
-        let k_blocks = depth.div_ceil(TILE_K);
-        let tile = TILE * TILE_K;
-        let tiles = round_up(outer, BLOCK) / TILE * k_blocks;
-        let mut data: Vec<Vec<u16>> = (0..count).map(|_| vec![0u16; tiles * tile]).collect();
+        let layout = TileLayout::new(operand, rows, cols);
+        let len = layout.tiles() * TileLayout::TILE_LEN;
+        let mut data: Vec<Vec<u16>> = (0..count).map(|_| vec![0u16; len]).collect();
         let dst: Vec<DisjointWrites<u16>> = data
             .iter_mut()
             .map(|matrix| DisjointWrites(matrix.as_mut_ptr()))
             .collect();
-        (0..tiles).into_par_iter().for_each(|t| {
-            let (ot, kb) = (t / k_blocks, t % k_blocks);
+        (0..layout.tiles()).into_par_iter().for_each(|t| {
             let mut values = vec![0f32; count];
-            for i in 0..TILE.min(outer.saturating_sub(ot * TILE)) {
-                for kk in 0..TILE_K.min(depth - kb * TILE_K) {
-                    let (o, k) = (ot * TILE + i, kb * TILE_K + kk);
-                    match operand {
-                        Operand::A => at(o, k, &mut values),
-                        Operand::B => at(k, o, &mut values),
-                    }
-                    let slot = t * tile + operand.slot(i, kk);
-                    for (matrix, &value) in dst.iter().zip(&values) {
-                        // SAFETY: `slot` lies in tile `t` of each matrix's `tiles · tile`
-                        // elements, and only tile `t`'s task writes there.
-                        unsafe { *matrix.ptr().add(slot) = bf16(value) };
-                    }
+            layout.visit(t, |slot, r, c| {
+                at(r, c, &mut values);
+                for (matrix, &value) in dst.iter().zip(&values) {
+                    // SAFETY: `t · TILE_LEN + slot` lies in tile `t` of each matrix's `len`
+                    // elements, and only tile `t`'s task writes there.
+                    unsafe { *matrix.ptr().add(t * TileLayout::TILE_LEN + slot) = bf16(value) };
                 }
-            }
+            });
         });
         data.into_iter()
-            .map(|data| Self {
-                data,
-                operand,
-                rows,
-                cols,
-                k_blocks,
-            })
+            .map(|data| layout.packed(data, rows, cols))
             .collect()
     }
 
