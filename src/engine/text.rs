@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::config::{ClipActivation, TextEncoderConfig};
 use super::error::{Error, Result};
 use super::grad_ops::Linear;
-use super::weights::WeightSource;
+use super::weights::{MappedF32, WeightSource};
 
 /// CLIP's context length: every prompt becomes exactly this many tokens.
 pub const MAX_TOKENS: usize = 77;
@@ -245,10 +245,50 @@ struct ClipLayer {
 #[derive(Debug)]
 pub struct ClipTextEncoder {
     config: TextEncoderConfig,
-    token_embedding: Embedding,
+    token_embedding: TokenEmbedding,
     position_embedding: Tensor,
     layers: Vec<ClipLayer>,
     final_norm: LayerNorm,
+}
+
+/// The token embedding table: in place in a mapped f32 file where it can be (CLIP's is 152 MB,
+/// of which a prompt reads 77 rows), else a tensor of its own.
+#[derive(Debug, Clone)]
+enum TokenEmbedding {
+    Mapped {
+        table: MappedF32,
+        vocab: usize,
+        dim: usize,
+    },
+    Tensor(Embedding),
+}
+
+impl TokenEmbedding {
+    fn load(vb: &WeightSource, vocab: usize, dim: usize) -> CandleResult<Self> {
+        let name = "token_embedding.weight";
+        Ok(match vb.mapped_f32((vocab, dim), name)? {
+            Some(table) => Self::Mapped { table, vocab, dim },
+            None => Self::Tensor(Embedding::new(vb.get((vocab, dim), name)?, dim)),
+        })
+    }
+
+    /// `(b, n)` token ids → `(b, n, dim)` rows of the table.
+    fn forward(&self, ids: &Tensor) -> CandleResult<Tensor> {
+        let (table, vocab, dim) = match self {
+            Self::Tensor(embedding) => return embedding.forward(ids),
+            Self::Mapped { table, vocab, dim } => (table.as_slice(), *vocab, *dim),
+        };
+        let (b, n) = ids.dims2()?;
+        let mut rows = Vec::with_capacity(b * n * dim);
+        for id in ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()? {
+            let id = id as usize;
+            if id >= vocab {
+                candle_core::bail!("token id {id} is outside the text encoder's {vocab} tokens");
+            }
+            rows.extend_from_slice(&table[id * dim..(id + 1) * dim]);
+        }
+        Tensor::from_vec(rows, (b, n, dim), ids.device())
+    }
 }
 
 impl ClipTextEncoder {
@@ -286,10 +326,7 @@ impl ClipTextEncoder {
             .collect::<CandleResult<_>>()?;
         let emb = vb.pp("embeddings");
         Ok(Self {
-            token_embedding: Embedding::new(
-                emb.get((config.vocab_size, d), "token_embedding.weight")?,
-                d,
-            ),
+            token_embedding: TokenEmbedding::load(&emb, config.vocab_size, d)?,
             position_embedding: emb.get(
                 (config.max_position_embeddings, d),
                 "position_embedding.weight",
