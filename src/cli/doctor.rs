@@ -16,6 +16,7 @@ use pix2pix_zero::edit::guidance::cross_attention_loss;
 use pix2pix_zero::engine::config::{RawUNetConfig, UNetConfig};
 use pix2pix_zero::engine::control::{AttentionKind, Keep, Recorder};
 use pix2pix_zero::engine::cpu::{self, Products};
+use pix2pix_zero::engine::kernel_cache;
 use pix2pix_zero::engine::rng::Rng;
 use pix2pix_zero::engine::unet::UNet;
 
@@ -96,6 +97,18 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         pix2pix_zero::engine::cpu::isa().name()
     );
     println!("devices: {}", devices().join(", "));
+    match kernel_cache::default_root() {
+        Some(root) => println!(
+            "kernel cache: {} ({:.0} MB; safe to delete; {}=off turns it off)",
+            root.display(),
+            kernel_cache::bytes_under(&root) as f64 / 1e6,
+            kernel_cache::CACHE_DIR_VAR
+        ),
+        None => println!(
+            "kernel cache: off ({}=off, or this system has no cache folder)",
+            kernel_cache::CACHE_DIR_VAR
+        ),
+    }
     let device = args.device.open()?;
     let reference = match &args.reference {
         Some(path) => {

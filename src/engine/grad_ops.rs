@@ -25,6 +25,7 @@ use super::cpu::{
     self, conv::Nchw, conv::PackedConv, linear::LinearShape, linear_amx::TileLinear,
     norm::GroupNormParams, Products,
 };
+use super::kernel_cache::{CachedKernel, KernelForm};
 use super::weights::{F32Values, MappedF32, WeightSource};
 
 /// The backward of one [`with_vjp`] node: `(input, output, output gradient) -> input gradient`.
@@ -335,6 +336,34 @@ fn nchw(t: &Tensor) -> Result<Nchw> {
     Ok(Nchw { n, c, h, w })
 }
 
+/// The f32 CPU kernel of a convolution whose weights lie mapped in their file: a transformed
+/// kernel comes from `cached` when it holds one for these weights, else it is prepared and
+/// stored there for the next load (a failure to store only costs that load its speed-up).
+fn f32_kernel(
+    values: &MappedF32,
+    dims: (usize, usize, usize),
+    padding: usize,
+    stride: usize,
+    cached: Option<&CachedKernel>,
+) -> PackedConv {
+    let transformed_len = PackedConv::transformed_len(dims, padding, stride);
+    let cached = cached.filter(|_| transformed_len.is_some());
+    if let Some(kept) = cached.zip(transformed_len).and_then(|(c, len)| c.load(len)) {
+        return PackedConv::from_transformed(F32Values::Mapped(kept), (dims.0, dims.1), padding);
+    }
+    let packed = PackedConv::from_pytorch(F32Values::Mapped(values.clone()), dims, padding, stride);
+    let stored = cached
+        .zip(packed.transformed_kernel())
+        .and_then(|(cache, transformed)| cache.store(transformed).ok());
+    match stored {
+        // Run on the page cache's copy, so this load's own copy goes back to the allocator.
+        Some(kept) => {
+            PackedConv::from_transformed(F32Values::Mapped(kept), (dims.0, dims.1), padding)
+        }
+        None => packed,
+    }
+}
+
 impl Conv2d {
     /// Loads a square-kernel convolution laid out like PyTorch's `nn.Conv2d`. For the CPU
     /// kernels in f32, a kernel that runs in that layout stays where it lies in a mapped file.
@@ -351,12 +380,10 @@ impl Conv2d {
         if let Some(values) = vb.mapped_f32(shape, "weight")? {
             let (products, dims) = (cpu::products(), (c_out, c_in, kernel));
             let packed = match products {
-                Products::F32 => PackedConv::from_pytorch(
-                    F32Values::Mapped(values.clone()),
-                    dims,
-                    padding,
-                    stride,
-                ),
+                Products::F32 => {
+                    let cached = vb.cached_kernel("weight", KernelForm::Winograd);
+                    f32_kernel(&values, dims, padding, stride, cached.as_ref())
+                }
                 Products::Bf16 => {
                     PackedConv::pack(values.as_slice(), c_out, c_in, kernel, products)
                         .with_geometry(padding, stride)

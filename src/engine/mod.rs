@@ -12,6 +12,7 @@ pub mod ddim;
 pub mod error;
 pub mod generate;
 pub mod grad_ops;
+pub mod kernel_cache;
 pub mod rng;
 pub mod source;
 pub mod text;

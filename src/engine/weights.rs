@@ -24,6 +24,8 @@ use memmap2::Mmap;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
+use super::kernel_cache::{self, CachedKernel, KernelCache, KernelForm};
+
 /// One tensor's entry in the header.
 #[derive(Debug, Clone, serde::Deserialize)]
 struct Entry {
@@ -114,16 +116,10 @@ impl SafetensorsFile {
             return Ok(None);
         };
         let len = entry.shape.iter().product::<usize>();
-        let fits = entry.dtype == Dtype::F32
-            && cfg!(target_endian = "little")
-            && bytes == len * 4
-            && (map.as_ptr() as usize + start).is_multiple_of(std::mem::align_of::<f32>())
-            && start + bytes <= map.len();
-        Ok(fits.then(|| MappedF32 {
-            map: Arc::clone(map),
-            offset: start,
-            len,
-        }))
+        if entry.dtype != Dtype::F32 || bytes != len * 4 {
+            return Ok(None);
+        }
+        Ok(MappedF32::in_mapping(Arc::clone(map), start, len))
     }
 
     /// Reads `name` onto the CPU in the file's dtype.
@@ -250,9 +246,21 @@ pub struct MappedF32 {
 }
 
 impl MappedF32 {
+    /// The `len` little-endian f32 values at byte `offset` of `map`, if they lie inside it at an
+    /// offset aligned for f32 and this target is little-endian; `None` otherwise.
+    pub(crate) fn in_mapping(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Self> {
+        let fits = cfg!(target_endian = "little")
+            && (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>())
+            && len
+                .checked_mul(4)
+                .and_then(|bytes| bytes.checked_add(offset))
+                .is_some_and(|end| end <= map.len());
+        fits.then_some(Self { map, offset, len })
+    }
+
     /// The values.
     pub fn as_slice(&self) -> &[f32] {
-        // SAFETY: `mapped_f32` checked that the range lies in the mapping, is aligned for f32 and
+        // SAFETY: `in_mapping` checked that the range lies in the mapping, is aligned for f32 and
         // holds `len` little-endian f32 values; any bits are a valid f32.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.offset).cast(), self.len) }
     }
@@ -307,10 +315,13 @@ impl std::ops::Deref for F32Values {
 pub struct WeightSource {
     vb: VarBuilder<'static>,
     file: Option<Arc<SafetensorsFile>>,
+    /// Where the kernels prepared from this file at load are kept (see [`kernel_cache`]).
+    kernels: Option<Arc<KernelCache>>,
 }
 
 impl WeightSource {
-    /// Opens `path`'s header; tensors are read (or mapped) as layers ask for them.
+    /// Opens `path`'s header; tensors are read (or mapped) as layers ask for them. Kernels
+    /// prepared from them at load are cached in [`kernel_cache::default_root`].
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let file = Arc::new(SafetensorsFile::open(path)?);
         let vb = VarBuilder::from_backend(
@@ -321,7 +332,19 @@ impl WeightSource {
         Ok(Self {
             vb,
             file: Some(file),
-        })
+            kernels: None,
+        }
+        .with_kernel_cache(kernel_cache::default_root().as_deref()))
+    }
+
+    /// The same source with its prepared kernels cached under `root` instead (`None`: not
+    /// cached).
+    pub fn with_kernel_cache(mut self, root: Option<&Path>) -> Self {
+        self.kernels = root
+            .zip(self.file.as_ref())
+            .and_then(|(root, file)| KernelCache::for_file(root, &file.path))
+            .map(Arc::new);
+        self
     }
 
     /// The source of the tensors under `prefix.` (candle's `VarBuilder::pp`).
@@ -329,6 +352,21 @@ impl WeightSource {
         Self {
             vb: self.vb.pp(prefix),
             file: self.file.clone(),
+            kernels: self.kernels.clone(),
+        }
+    }
+
+    /// The cache entry of tensor `name` prepared as `form`, when this source caches its kernels.
+    pub fn cached_kernel(&self, name: &str, form: KernelForm) -> Option<CachedKernel> {
+        let cache = self.kernels.as_ref()?;
+        Some(cache.entry(&self.full_name(name), form))
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.vb.prefix().is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.vb.prefix())
         }
     }
 
@@ -367,19 +405,18 @@ impl WeightSource {
         let Some(file) = self.file.as_ref().filter(|_| wanted) else {
             return Ok(None);
         };
-        let full_name = if self.vb.prefix().is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.vb.prefix())
-        };
-        file.mapped_f32(&full_name, &shape.into())
+        file.mapped_f32(&self.full_name(name), &shape.into())
     }
 }
 
 impl From<VarBuilder<'static>> for WeightSource {
     /// A source of tensors only (random weights, a `VarMap`, a buffer): nothing is borrowed.
     fn from(vb: VarBuilder<'static>) -> Self {
-        Self { vb, file: None }
+        Self {
+            vb,
+            file: None,
+            kernels: None,
+        }
     }
 }
 

@@ -263,6 +263,49 @@ impl PackedConv {
         }
     }
 
+    /// How many values the transformed kernel of a layer of this shape, padding and stride
+    /// holds, if that layer runs on Winograd's transformed kernel from f32 weights (see
+    /// [`Self::from_pytorch`]); `None` for the other forms.
+    pub fn transformed_len(
+        (c_out, c_in, kernel): (usize, usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> Option<usize> {
+        (F32Form::of((c_out, c_in, kernel), padding, stride) == F32Form::Winograd)
+            .then(|| WinogradKernel::transformed_len(c_out, c_in))
+    }
+
+    /// The 3×3 stride-1 layer that runs on `transformed`, a kernel that
+    /// [`Self::transformed_kernel`] gave earlier for the same weights and geometry.
+    pub fn from_transformed(
+        transformed: F32Values,
+        (c_out, c_in): (usize, usize),
+        padding: usize,
+    ) -> Self {
+        assert_eq!(
+            Self::transformed_len((c_out, c_in, 3), padding, 1),
+            Some(transformed.len()),
+            "not a transformed kernel of this layer"
+        );
+        Self {
+            weights: Weights::Winograd(WinogradKernel::from_transformed(transformed, c_out, c_in)),
+            c_out,
+            c_in,
+            kernel: 3,
+            padding,
+            stride: 1,
+        }
+    }
+
+    /// The kernel transformed for Winograd's F(2×2, 3×3), when the layer runs on one: the values
+    /// worth keeping for the next load, since [`Self::from_transformed`] takes them back.
+    pub fn transformed_kernel(&self) -> Option<&[f32]> {
+        match &self.weights {
+            Weights::Winograd(kernel) => Some(kernel.transformed()),
+            _ => None,
+        }
+    }
+
     /// Whether the kernel still holds values borrowed from its weights file (it runs in PyTorch's
     /// layout as it lies there); otherwise it was packed, and the file's pages can go.
     pub fn borrows_file(&self) -> bool {

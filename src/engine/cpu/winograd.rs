@@ -23,6 +23,7 @@ use super::conv::Nchw;
 use super::matmul::{product, Matrix};
 use super::simd::dispatch;
 use super::DisjointWrites;
+use crate::engine::weights::F32Values;
 
 /// Positions of a transformed 4×4 block.
 const POSITIONS: usize = 16;
@@ -33,7 +34,7 @@ const PAIRS_PER_TASK: usize = 1 << 12;
 /// A 3×3 kernel transformed for F(2×2, 3×3): `U = G g Gᵀ`, as `(16, c_out, c_in)`.
 #[derive(Debug, Clone)]
 pub(super) struct WinogradKernel {
-    transformed: Vec<f32>,
+    transformed: F32Values,
     c_out: usize,
     c_in: usize,
 }
@@ -111,10 +112,30 @@ impl WinogradKernel {
                 }
             });
         Self {
+            transformed: F32Values::Owned(transformed),
+            c_out,
+            c_in,
+        }
+    }
+
+    /// A kernel transformed earlier: `(16, c_out, c_in)` values as [`Self::transformed`] gives.
+    pub(super) fn from_transformed(transformed: F32Values, c_out: usize, c_in: usize) -> Self {
+        assert_eq!(transformed.len(), POSITIONS * c_out * c_in, "kernel size");
+        Self {
             transformed,
             c_out,
             c_in,
         }
+    }
+
+    /// The transformed values, `(16, c_out, c_in)`.
+    pub(super) fn transformed(&self) -> &[f32] {
+        &self.transformed
+    }
+
+    /// How many values a transformed `(c_out, c_in)` kernel holds.
+    pub(super) fn transformed_len(c_out: usize, c_in: usize) -> usize {
+        POSITIONS * c_out * c_in
     }
 
     /// Back to `(9, c_out, c_in)` taps: `g = L U Lᵀ` with `L G = I` (exact up to rounding).
