@@ -104,10 +104,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             kernel_cache::bytes_under(&root) as f64 / 1e6,
             kernel_cache::CACHE_DIR_VAR
         ),
-        None => println!(
-            "kernel cache: off ({}=off, or this system has no cache folder)",
-            kernel_cache::CACHE_DIR_VAR
-        ),
+        None => println!("kernel cache: off ({}=off)", kernel_cache::CACHE_DIR_VAR),
     }
     let device = args.device.open()?;
     let reference = match &args.reference {

@@ -100,12 +100,7 @@ impl EmbeddingCache {
     /// The default cache: `$XDG_CACHE_HOME/pix2pix-zero/embeddings`, else
     /// `~/.cache/pix2pix-zero/embeddings`.
     pub fn default_location() -> Self {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir);
-        Self::new(base.join("pix2pix-zero").join("embeddings"))
+        Self::new(crate::engine::source::cache_home().join("embeddings"))
     }
 
     /// The folder the cache lives in.

@@ -11,9 +11,9 @@
 //! An entry is used only if its header matches the model file's size and modification time, the
 //! tensor's size and this version of the format; anything else is prepared again and rewritten.
 //! Entries are written to a temporary file, synced and renamed, so a crash or a second process
-//! never leaves a torn entry in place. The folder is
-//! [`dirs::cache_dir`]`/p2pz/kernels` (`~/.cache/p2pz/kernels` on Linux), or
-//! `$P2PZ_CACHE_DIR/kernels`; `P2PZ_CACHE_DIR=off` turns the cache off. Deleting the folder is
+//! never leaves a torn entry in place. The folder is `kernels` in
+//! [`cache_home`](super::source::cache_home) (`~/.cache/pix2pix-zero/kernels`), or
+//! `$P2PZ_KERNEL_CACHE`; `P2PZ_KERNEL_CACHE=off` turns the cache off. Deleting the folder is
 //! always safe.
 
 use std::ffi::OsString;
@@ -39,7 +39,7 @@ const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 64;
 
 /// The environment variable that moves the cache's folder, or turns it off with `off`.
-pub const CACHE_DIR_VAR: &str = "P2PZ_CACHE_DIR";
+pub const CACHE_DIR_VAR: &str = "P2PZ_KERNEL_CACHE";
 
 /// What a cached kernel was prepared for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,10 +62,9 @@ impl KernelForm {
     }
 }
 
-/// The folder that holds the cache's entries (`…/p2pz/kernels`), or `None` when it is turned
-/// off or there is no cache folder on this system.
+/// The folder that holds the cache's entries, or `None` when it is turned off.
 pub fn default_root() -> Option<PathBuf> {
-    root_from(std::env::var_os(CACHE_DIR_VAR), dirs::cache_dir())
+    root_from(std::env::var_os(CACHE_DIR_VAR), super::source::cache_home())
 }
 
 /// How many bytes the entries under `root` take (0 when there is nothing there yet).
@@ -83,14 +82,13 @@ pub fn bytes_under(root: &Path) -> u64 {
         .sum()
 }
 
-/// [`default_root`] given the variable's value and the system's cache folder.
-fn root_from(variable: Option<OsString>, system_cache: Option<PathBuf>) -> Option<PathBuf> {
-    let base = match variable {
-        Some(value) if value == "off" => return None,
-        Some(value) if !value.is_empty() => PathBuf::from(value),
-        _ => system_cache?.join("p2pz"),
-    };
-    Some(base.join("kernels"))
+/// [`default_root`] given the variable's value and this program's cache folder.
+fn root_from(variable: Option<OsString>, cache_home: PathBuf) -> Option<PathBuf> {
+    match variable {
+        Some(value) if value == "off" => None,
+        Some(value) if !value.is_empty() => Some(PathBuf::from(value)),
+        _ => Some(cache_home.join("kernels")),
+    }
 }
 
 /// The size and modification time of a model file: an entry prepared from another file's
@@ -339,18 +337,17 @@ mod tests {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
-    /// The variable moves the folder or turns the cache off; unset or empty, the system's
-    /// cache folder holds it, and without one there is no cache.
+    /// The variable moves the folder or turns the cache off; unset or empty, the cache lives in
+    /// this program's cache folder.
     #[test]
     fn the_variable_moves_or_turns_off_the_cache() {
-        let system = Some(PathBuf::from("/home/u/.cache"));
-        let moved = root_from(Some("/tmp/c".into()), system.clone());
-        assert_eq!(moved, Some(PathBuf::from("/tmp/c/kernels")));
-        assert_eq!(root_from(Some("off".into()), system.clone()), None);
-        let default = Some(PathBuf::from("/home/u/.cache/p2pz/kernels"));
-        assert_eq!(root_from(Some("".into()), system.clone()), default);
-        assert_eq!(root_from(None, system), default);
-        assert_eq!(root_from(None, None), None);
+        let home = PathBuf::from("/home/u/.cache/pix2pix-zero");
+        let moved = root_from(Some("/tmp/c".into()), home.clone());
+        assert_eq!(moved, Some(PathBuf::from("/tmp/c")));
+        assert_eq!(root_from(Some("off".into()), home.clone()), None);
+        let default = Some(home.join("kernels"));
+        assert_eq!(root_from(Some("".into()), home.clone()), default);
+        assert_eq!(root_from(None, home), default);
     }
 
     /// A Winograd layer loaded from a file stores its transformed kernel on the first load and

@@ -91,6 +91,17 @@ fn env_flag(name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// This program's own cache folder: `$XDG_CACHE_HOME/pix2pix-zero`, else
+/// `~/.cache/pix2pix-zero` (under the system's temporary folder when there is no home).
+pub fn cache_home() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("pix2pix-zero")
+}
+
 /// The Hugging Face hub cache: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub`.
 pub fn hf_cache_dir() -> PathBuf {
