@@ -8,9 +8,9 @@
 //! the cache folder, and later loads map those files read-only: their pages are the page cache's,
 //! already in memory, and nothing is zeroed or copied.
 //!
-//! An entry is used only if its header matches the model file's size and modification time, the
-//! tensor's size and this version of the format; anything else is prepared again and rewritten.
-//! Entries are written to a temporary file, synced and renamed, so a crash or a second process
+//! An entry is used only if its header matches the model file's size, modification time and (on
+//! Unix) inode and status-change time, the tensor's size and this version of the format; anything
+//! else is prepared again and rewritten. Entries are written to a temporary file, synced and renamed, so a crash or a second process
 //! never leaves a torn entry in place. The folder is `kernels` in
 //! [`cache_home`](super::source::cache_home) (`~/.cache/pix2pix-zero/kernels`), or
 //! `$P2PZ_KERNEL_CACHE`; `P2PZ_KERNEL_CACHE=off` turns the cache off. Deleting the folder is
@@ -36,7 +36,7 @@ const MAGIC: &[u8; 8] = b"p2pzkrn\0";
 const FORMAT_VERSION: u32 = 1;
 
 /// Bytes before an entry's values (a multiple of 64, so the values stay aligned).
-const HEADER_LEN: usize = 64;
+const HEADER_LEN: usize = 128;
 
 /// The environment variable that moves the cache's folder, or turns it off with `off`.
 pub const CACHE_DIR_VAR: &str = "P2PZ_KERNEL_CACHE";
@@ -91,23 +91,36 @@ fn root_from(variable: Option<OsString>, cache_home: PathBuf) -> Option<PathBuf>
     }
 }
 
-/// The size and modification time of a model file: an entry prepared from another file's
-/// contents under the same path does not match.
+/// What identifies a model file's contents without reading them: its size and modification
+/// time, and on Unix its inode and status-change time, which no copy tool sets back (a file
+/// replaced by another of the same size and copied timestamps still gets a new one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SourceStamp {
     len: u64,
     modified_secs: u64,
     modified_nanos: u32,
+    /// The inode and the status-change time (seconds, nanoseconds); 0 where there are none.
+    inode: u64,
+    changed: (i64, i64),
 }
 
 impl SourceStamp {
     fn of(path: &Path) -> Option<Self> {
         let metadata = std::fs::metadata(path).ok()?;
         let modified = metadata.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+        #[cfg(unix)]
+        let (inode, changed) = {
+            use std::os::unix::fs::MetadataExt;
+            (metadata.ino(), (metadata.ctime(), metadata.ctime_nsec()))
+        };
+        #[cfg(not(unix))]
+        let (inode, changed) = (0, (0, 0));
         Some(Self {
             len: metadata.len(),
             modified_secs: modified.as_secs(),
             modified_nanos: modified.subsec_nanos(),
+            inode,
+            changed,
         })
     }
 }
@@ -240,6 +253,9 @@ impl CachedKernel {
         header[24..32].copy_from_slice(&stamp.modified_secs.to_le_bytes());
         header[32..36].copy_from_slice(&stamp.modified_nanos.to_le_bytes());
         header[40..48].copy_from_slice(&(len as u64).to_le_bytes());
+        header[48..56].copy_from_slice(&stamp.inode.to_le_bytes());
+        header[56..64].copy_from_slice(&stamp.changed.0.to_le_bytes());
+        header[64..72].copy_from_slice(&stamp.changed.1.to_le_bytes());
         header
     }
 }
@@ -309,6 +325,24 @@ mod tests {
         assert!(entry.load(values.len() + 1).is_none(), "another size");
         let other = again.entry("down.0/conv2.weight", KernelForm::Winograd);
         assert!(other.load(values.len()).is_none(), "another tensor");
+
+        // Another file of the same size, moved into place with the old one's modification time
+        // (as a copy that keeps timestamps does): a Unix stamp still tells them apart.
+        #[cfg(unix)]
+        {
+            let modified = std::fs::metadata(&model).unwrap().modified().unwrap();
+            let other = model.with_extension("new");
+            std::fs::write(&other, b"WEIGHTS").unwrap();
+            let file = File::options().write(true).open(&other).unwrap();
+            file.set_modified(modified).unwrap();
+            std::fs::rename(&other, &model).unwrap();
+            let swapped = KernelCache::for_file(&root, &model).unwrap();
+            let entry = swapped.entry("down.0/conv1.weight", KernelForm::Winograd);
+            assert!(
+                entry.load(values.len()).is_none(),
+                "a same-size file in its place"
+            );
+        }
 
         // The model file changes (another size): its old entries no longer match.
         std::fs::write(&model, b"other weights").unwrap();
