@@ -336,32 +336,36 @@ fn nchw(t: &Tensor) -> Result<Nchw> {
     Ok(Nchw { n, c, h, w })
 }
 
-/// The f32 CPU kernel of a convolution whose weights lie mapped in their file: a transformed
-/// kernel comes from `cached` when it holds one for these weights, else it is prepared and
-/// stored there for the next load (a failure to store only costs that load its speed-up).
+/// The f32 CPU kernel of a convolution: a transformed kernel comes from `cached` when it holds
+/// one for these weights (which are then never read), else `weight` reads them, the kernel is
+/// prepared and stored there for the next load (a failure to store only costs that load its
+/// speed-up).
 fn f32_kernel(
-    values: &MappedF32,
+    weight: impl FnOnce() -> Result<F32Values>,
     dims: (usize, usize, usize),
     padding: usize,
     stride: usize,
     cached: Option<&CachedKernel>,
-) -> PackedConv {
+) -> Result<PackedConv> {
     let transformed_len = PackedConv::transformed_len(dims, padding, stride);
     let cached = cached.filter(|_| transformed_len.is_some());
+    let (c_out, c_in, _) = dims;
     if let Some(kept) = cached.zip(transformed_len).and_then(|(c, len)| c.load(len)) {
-        return PackedConv::from_transformed(F32Values::Mapped(kept), (dims.0, dims.1), padding);
+        return Ok(PackedConv::from_transformed(
+            F32Values::Mapped(kept),
+            (c_out, c_in),
+            padding,
+        ));
     }
-    let packed = PackedConv::from_pytorch(F32Values::Mapped(values.clone()), dims, padding, stride);
+    let packed = PackedConv::from_pytorch(weight()?, dims, padding, stride);
     let stored = cached
         .zip(packed.transformed_kernel())
         .and_then(|(cache, transformed)| cache.store(transformed).ok());
-    match stored {
+    Ok(match stored {
         // Run on the page cache's copy, so this load's own copy goes back to the allocator.
-        Some(kept) => {
-            PackedConv::from_transformed(F32Values::Mapped(kept), (dims.0, dims.1), padding)
-        }
+        Some(kept) => PackedConv::from_transformed(F32Values::Mapped(kept), (c_out, c_in), padding),
         None => packed,
-    }
+    })
 }
 
 impl Conv2d {
@@ -377,38 +381,42 @@ impl Conv2d {
     ) -> Result<Self> {
         let bias = Some(vb.get(c_out, "bias")?);
         let shape = (c_out, c_in, kernel, kernel);
-        if let Some(values) = vb.mapped_f32(shape, "weight")? {
-            let (products, dims) = (cpu::products(), (c_out, c_in, kernel));
-            let packed = match products {
-                Products::F32 => {
-                    let cached = vb.cached_kernel("weight", KernelForm::Winograd);
-                    f32_kernel(&values, dims, padding, stride, cached.as_ref())
-                }
-                Products::Bf16 => {
-                    PackedConv::pack(values.as_slice(), c_out, c_in, kernel, products)
-                        .with_geometry(padding, stride)
-                }
+        let (products, dims) = (cpu::products(), (c_out, c_in, kernel));
+        let mapped = vb.mapped_f32(shape, "weight")?;
+        let packed = if vb.feeds_cpu_kernels() && products == Products::F32 {
+            // From the mapping where the file holds f32, else read (and converted) here.
+            let weight = || match &mapped {
+                Some(values) => Ok(F32Values::Mapped(values.clone())),
+                None => cpu::with_f32(&vb.get(shape, "weight")?, |w| F32Values::Owned(w.to_vec())),
             };
+            let cached = vb.cached_kernel("weight", KernelForm::Winograd);
+            Some(f32_kernel(weight, dims, padding, stride, cached.as_ref())?)
+        } else if let Some(values) = &mapped {
+            let packed = PackedConv::pack(values.as_slice(), c_out, c_in, kernel, products);
+            Some(packed.with_geometry(padding, stride))
+        } else {
+            None
+        };
+        if let (Some(values), Some(packed)) = (mapped, &packed) {
             if !packed.borrows_file() {
                 // Packed from the mapping: its pages are no longer needed.
                 values.release();
             }
-            return Ok(Self {
-                weights: ConvWeights::Packed(Arc::new(packed)),
-                bias,
-                padding,
-                stride,
-            });
         }
-        let weight = vb.get(shape, "weight")?;
-        let weights = if cpu::handles(&weight) {
-            let packed = cpu::with_f32(&weight, |w| {
-                PackedConv::pack(w, c_out, c_in, kernel, cpu::products())
-                    .with_geometry(padding, stride)
-            })?;
-            ConvWeights::Packed(Arc::new(packed))
-        } else {
-            ConvWeights::Candle(weight)
+        let weights = match packed {
+            Some(packed) => ConvWeights::Packed(Arc::new(packed)),
+            None => {
+                let weight = vb.get(shape, "weight")?;
+                if cpu::handles(&weight) {
+                    let packed = cpu::with_f32(&weight, |w| {
+                        PackedConv::pack(w, c_out, c_in, kernel, products)
+                            .with_geometry(padding, stride)
+                    })?;
+                    ConvWeights::Packed(Arc::new(packed))
+                } else {
+                    ConvWeights::Candle(weight)
+                }
+            }
         };
         Ok(Self {
             weights,

@@ -384,9 +384,9 @@ mod tests {
         assert_eq!(root_from(None, home), default);
     }
 
-    /// A Winograd layer loaded from a file stores its transformed kernel on the first load and
-    /// maps it on the next, with the same output as a load without the cache; a 1×1 layer
-    /// stores nothing.
+    /// A Winograd layer loaded from a file, f32 or f16, stores its transformed kernel on the
+    /// first load and maps it on the next, with the same output as a load without the cache; a
+    /// 1×1 layer stores nothing.
     #[test]
     fn a_winograd_layer_stores_then_maps_its_kernel() {
         use crate::engine::grad_ops::Conv2d;
@@ -395,68 +395,65 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let (root, device) = (dir.path().join("cache"), Device::Cpu);
-        let model = dir.path().join("model.safetensors");
         let channels = 128;
-        let tensors = std::collections::HashMap::from([
-            (
-                "conv.weight".to_string(),
-                Tensor::randn(0f32, 0.05, (channels, channels, 3, 3), &device).unwrap(),
-            ),
-            (
-                "conv.bias".to_string(),
-                Tensor::randn(0f32, 0.1, channels, &device).unwrap(),
-            ),
-            (
-                "proj.weight".to_string(),
-                Tensor::randn(0f32, 0.05, (channels, channels, 1, 1), &device).unwrap(),
-            ),
-            (
-                "proj.bias".to_string(),
-                Tensor::zeros(channels, DType::F32, &device).unwrap(),
-            ),
-        ]);
-        candle_core::safetensors::save(&tensors, &model).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (1, channels, 9, 7), &device).unwrap();
-        let load = |name: &str, kernel, cache: Option<&Path>| {
-            let source = WeightSource::open(&model, DType::F32, &device)
-                .unwrap()
-                .with_kernel_cache(cache);
-            let padding = kernel / 2;
-            Conv2d::load(source.pp(name), channels, channels, kernel, padding, 1).unwrap()
-        };
-        let output = |conv: &Conv2d| conv.forward(&x).unwrap().flatten_all().unwrap();
-        let values = |t: Tensor| t.to_vec1::<f32>().unwrap();
-
-        let plain = values(output(&load("conv", 3, None)));
-        let first = values(output(&load("conv", 3, Some(&root))));
-        let cache = KernelCache::for_file(&root, &model).unwrap();
-        let entry = cache.entry("conv.weight", KernelForm::Winograd);
+        let random = |shape: &[usize], std| Tensor::randn(0f32, std, shape, &device).unwrap();
+        let tensors = [
+            ("conv.weight", random(&[channels, channels, 3, 3], 0.05)),
+            ("conv.bias", random(&[channels], 0.1)),
+            ("proj.weight", random(&[channels, channels, 1, 1], 0.05)),
+            ("proj.bias", random(&[channels], 0.1)),
+        ];
+        let x = random(&[1, channels, 9, 7], 1.0);
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let cached = crate::engine::cpu::isa() != crate::engine::cpu::Isa::Candle;
-        assert_eq!(entry.path().is_file(), cached, "stored on the first load");
-        let second = values(output(&load("conv", 3, Some(&root))));
-        assert_eq!(first, plain);
-        assert_eq!(second, plain);
-        if cached {
-            // The next load reads the entry, not the weights: with its values zeroed, only the
-            // bias is left.
-            let mut bytes = std::fs::read(entry.path()).unwrap();
-            bytes[HEADER_LEN..].fill(0);
-            std::fs::write(entry.path(), &bytes).unwrap();
-            let bias = values(tensors["conv.bias"].clone());
-            let zeroed = values(output(&load("conv", 3, Some(&root))));
-            let pixels = 9 * 7;
-            assert!(zeroed
+        for dtype in [DType::F32, DType::F16] {
+            let model = dir.path().join(format!("model-{dtype:?}.safetensors"));
+            let in_file: std::collections::HashMap<_, _> = tensors
                 .iter()
-                .enumerate()
-                .all(|(i, &v)| v == bias[i / pixels]));
-        }
+                .map(|(name, t)| (name.to_string(), t.to_dtype(dtype).unwrap()))
+                .collect();
+            candle_core::safetensors::save(&in_file, &model).unwrap();
+            let load = |name: &str, kernel, cache: Option<&Path>| {
+                let source = WeightSource::open(&model, DType::F32, &device)
+                    .unwrap()
+                    .with_kernel_cache(cache);
+                let padding = kernel / 2;
+                Conv2d::load(source.pp(name), channels, channels, kernel, padding, 1).unwrap()
+            };
+            let output = |conv: &Conv2d| values(&conv.forward(&x).unwrap());
 
-        load("proj", 1, Some(&root));
-        let proj = cache.entry("proj.weight", KernelForm::Winograd);
-        assert!(
-            !proj.path().exists(),
-            "a 1x1 layer has no transformed kernel"
-        );
+            let plain = output(&load("conv", 3, None));
+            let first = output(&load("conv", 3, Some(&root)));
+            let cache = KernelCache::for_file(&root, &model).unwrap();
+            let entry = cache.entry("conv.weight", KernelForm::Winograd);
+            let what = format!("{dtype:?} file");
+            assert_eq!(
+                entry.path().is_file(),
+                cached,
+                "{what}: stored on the first load"
+            );
+            let second = output(&load("conv", 3, Some(&root)));
+            assert_eq!(first, plain, "{what}");
+            assert_eq!(second, plain, "{what}");
+            if cached {
+                // The next load reads the entry, not the weights: with its values zeroed, only
+                // the bias is left.
+                let mut bytes = std::fs::read(entry.path()).unwrap();
+                bytes[HEADER_LEN..].fill(0);
+                std::fs::write(entry.path(), &bytes).unwrap();
+                let bias = values(&in_file["conv.bias"].to_dtype(DType::F32).unwrap());
+                let zeroed = output(&load("conv", 3, Some(&root)));
+                let only_bias = zeroed.iter().enumerate().all(|(i, &v)| v == bias[i / 63]);
+                assert!(only_bias, "{what}: the entry's values are used");
+            }
+
+            load("proj", 1, Some(&root));
+            let proj = cache.entry("proj.weight", KernelForm::Winograd);
+            assert!(
+                !proj.path().exists(),
+                "{what}: a 1x1 layer has no transformed kernel"
+            );
+        }
     }
 
     /// Two model files get two folders; the folder's name says which model it is.

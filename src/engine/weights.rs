@@ -395,14 +395,19 @@ impl WeightSource {
         self.vb.clone()
     }
 
+    /// Whether the tensors go to the CPU kernels in f32 (what [`super::cpu::handles`] says of
+    /// the tensors this source gives).
+    pub fn feeds_cpu_kernels(&self) -> bool {
+        self.dtype() == DType::F32
+            && self.device().is_cpu()
+            && super::cpu::isa() != super::cpu::Isa::Candle
+    }
+
     /// `name`'s f32 values, which must have `shape`: borrowed in place when the source is a mapped
     /// f32 file and the layer wants f32 on the CPU with the CPU kernels on, else `None` (get a
     /// tensor instead).
     pub fn mapped_f32(&self, shape: impl Into<Shape>, name: &str) -> Result<Option<MappedF32>> {
-        let wanted = self.dtype() == DType::F32
-            && self.device().is_cpu()
-            && super::cpu::isa() != super::cpu::Isa::Candle;
-        let Some(file) = self.file.as_ref().filter(|_| wanted) else {
+        let Some(file) = self.file.as_ref().filter(|_| self.feeds_cpu_kernels()) else {
             return Ok(None);
         };
         file.mapped_f32(&self.full_name(name), &shape.into())
