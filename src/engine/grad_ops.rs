@@ -347,25 +347,19 @@ fn f32_kernel(
     stride: usize,
     cached: Option<&CachedKernel>,
 ) -> Result<PackedConv> {
-    let transformed_len = PackedConv::transformed_len(dims, padding, stride);
-    let cached = cached.filter(|_| transformed_len.is_some());
     let (c_out, c_in, _) = dims;
-    if let Some(kept) = cached.zip(transformed_len).and_then(|(c, len)| c.load(len)) {
-        return Ok(PackedConv::from_transformed(
-            F32Values::Mapped(kept),
-            (c_out, c_in),
-            padding,
-        ));
+    let on_kept =
+        |kept| PackedConv::from_transformed(F32Values::Mapped(kept), (c_out, c_in), padding);
+    let cached = cached.zip(PackedConv::transformed_len(dims, padding, stride));
+    if let Some(kept) = cached.and_then(|(cache, len)| cache.load(len)) {
+        return Ok(on_kept(kept));
     }
     let packed = PackedConv::from_pytorch(weight()?, dims, padding, stride);
     let stored = cached
         .zip(packed.transformed_kernel())
-        .and_then(|(cache, transformed)| cache.store(transformed).ok());
-    Ok(match stored {
-        // Run on the page cache's copy, so this load's own copy goes back to the allocator.
-        Some(kept) => PackedConv::from_transformed(F32Values::Mapped(kept), (c_out, c_in), padding),
-        None => packed,
-    })
+        .and_then(|((cache, _), transformed)| cache.store(transformed).ok());
+    // Run on the page cache's copy, so this load's own copy goes back to the allocator.
+    Ok(stored.map_or(packed, on_kept))
 }
 
 impl Conv2d {
@@ -381,42 +375,29 @@ impl Conv2d {
     ) -> Result<Self> {
         let bias = Some(vb.get(c_out, "bias")?);
         let shape = (c_out, c_in, kernel, kernel);
-        let (products, dims) = (cpu::products(), (c_out, c_in, kernel));
-        let mapped = vb.mapped_f32(shape, "weight")?;
-        let packed = if vb.feeds_cpu_kernels() && products == Products::F32 {
+        let weights = if vb.feeds_cpu_kernels() {
             // From the mapping where the file holds f32, else read (and converted) here.
+            let mapped = vb.mapped_f32(shape, "weight")?;
             let weight = || match &mapped {
                 Some(values) => Ok(F32Values::Mapped(values.clone())),
                 None => cpu::with_f32(&vb.get(shape, "weight")?, |w| F32Values::Owned(w.to_vec())),
             };
-            let cached = vb.cached_kernel("weight", KernelForm::Winograd);
-            Some(f32_kernel(weight, dims, padding, stride, cached.as_ref())?)
-        } else if let Some(values) = &mapped {
-            let packed = PackedConv::pack(values.as_slice(), c_out, c_in, kernel, products);
-            Some(packed.with_geometry(padding, stride))
-        } else {
-            None
-        };
-        if let (Some(values), Some(packed)) = (mapped, &packed) {
-            if !packed.borrows_file() {
+            let dims = (c_out, c_in, kernel);
+            let packed = match cpu::products() {
+                Products::F32 => {
+                    let cached = vb.cached_kernel("weight", KernelForm::Winograd);
+                    f32_kernel(weight, dims, padding, stride, cached.as_ref())?
+                }
+                products => PackedConv::pack(&weight()?, c_out, c_in, kernel, products)
+                    .with_geometry(padding, stride),
+            };
+            if let Some(values) = mapped.filter(|_| !packed.borrows_file()) {
                 // Packed from the mapping: its pages are no longer needed.
                 values.release();
             }
-        }
-        let weights = match packed {
-            Some(packed) => ConvWeights::Packed(Arc::new(packed)),
-            None => {
-                let weight = vb.get(shape, "weight")?;
-                if cpu::handles(&weight) {
-                    let packed = cpu::with_f32(&weight, |w| {
-                        PackedConv::pack(w, c_out, c_in, kernel, products)
-                            .with_geometry(padding, stride)
-                    })?;
-                    ConvWeights::Packed(Arc::new(packed))
-                } else {
-                    ConvWeights::Candle(weight)
-                }
-            }
+            ConvWeights::Packed(Arc::new(packed))
+        } else {
+            ConvWeights::Candle(vb.get(shape, "weight")?)
         };
         Ok(Self {
             weights,

@@ -238,11 +238,6 @@ impl CachedKernel {
         })
     }
 
-    /// Where the entry lives.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn header(&self, len: usize) -> [u8; HEADER_LEN] {
         let stamp = self.cache.stamp;
         let mut header = [0u8; HEADER_LEN];
@@ -305,13 +300,19 @@ mod tests {
         assert!(entry.load(values.len()).is_none(), "nothing stored yet");
         assert_eq!(entry.store(&values).unwrap().as_slice(), values);
         let name = entry
-            .path()
+            .path
             .file_name()
             .unwrap()
             .to_string_lossy()
             .into_owned();
         assert_eq!(name, "down.0_conv1.weight.winograd");
-        assert!(entry.path().parent().unwrap().join("source.txt").is_file());
+        assert!(entry
+            .path
+            .as_path()
+            .parent()
+            .unwrap()
+            .join("source.txt")
+            .is_file());
         let stored = bytes_under(&root);
         assert!(
             stored >= (HEADER_LEN + 4 * values.len()) as u64,
@@ -354,16 +355,16 @@ mod tests {
         assert_eq!(entry.load(values.len()).unwrap().as_slice(), doubled);
 
         // A cut entry, and one whose header is not ours, are not used.
-        let bytes = std::fs::read(entry.path()).unwrap();
-        std::fs::write(entry.path(), &bytes[..bytes.len() - 4]).unwrap();
+        let bytes = std::fs::read(entry.path.as_path()).unwrap();
+        std::fs::write(entry.path.as_path(), &bytes[..bytes.len() - 4]).unwrap();
         assert!(entry.load(values.len()).is_none(), "a cut entry");
         let mut foreign = bytes.clone();
         foreign[8] ^= 1;
-        std::fs::write(entry.path(), &foreign).unwrap();
+        std::fs::write(entry.path.as_path(), &foreign).unwrap();
         assert!(entry.load(values.len()).is_none(), "another format version");
 
         // No temporary files are left behind.
-        let leftovers: Vec<_> = std::fs::read_dir(entry.path().parent().unwrap())
+        let leftovers: Vec<_> = std::fs::read_dir(entry.path.as_path().parent().unwrap())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|name| name.ends_with(".tmp"))
@@ -428,7 +429,7 @@ mod tests {
             let entry = cache.entry("conv.weight", KernelForm::Winograd);
             let what = format!("{dtype:?} file");
             assert_eq!(
-                entry.path().is_file(),
+                entry.path.as_path().is_file(),
                 cached,
                 "{what}: stored on the first load"
             );
@@ -438,9 +439,9 @@ mod tests {
             if cached {
                 // The next load reads the entry, not the weights: with its values zeroed, only
                 // the bias is left.
-                let mut bytes = std::fs::read(entry.path()).unwrap();
+                let mut bytes = std::fs::read(entry.path.as_path()).unwrap();
                 bytes[HEADER_LEN..].fill(0);
-                std::fs::write(entry.path(), &bytes).unwrap();
+                std::fs::write(entry.path.as_path(), &bytes).unwrap();
                 let bias = values(&in_file["conv.bias"].to_dtype(DType::F32).unwrap());
                 let zeroed = output(&load("conv", 3, Some(&root)));
                 let only_bias = zeroed.iter().enumerate().all(|(i, &v)| v == bias[i / 63]);
@@ -450,7 +451,7 @@ mod tests {
             load("proj", 1, Some(&root));
             let proj = cache.entry("proj.weight", KernelForm::Winograd);
             assert!(
-                !proj.path().exists(),
+                !proj.path.as_path().exists(),
                 "{what}: a 1x1 layer has no transformed kernel"
             );
         }

@@ -253,7 +253,7 @@ pub struct ClipTextEncoder {
 
 /// The token embedding table: in place in a mapped f32 file where it can be (CLIP's is 152 MB,
 /// of which a prompt reads 77 rows), else a tensor of its own.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum TokenEmbedding {
     Mapped {
         table: MappedF32,

@@ -120,7 +120,11 @@ impl WinogradKernel {
 
     /// A kernel transformed earlier: `(16, c_out, c_in)` values as [`Self::transformed`] gives.
     pub(super) fn from_transformed(transformed: F32Values, c_out: usize, c_in: usize) -> Self {
-        assert_eq!(transformed.len(), POSITIONS * c_out * c_in, "kernel size");
+        assert_eq!(
+            transformed.len(),
+            Self::transformed_len(c_out, c_in),
+            "kernel size"
+        );
         Self {
             transformed,
             c_out,
