@@ -200,9 +200,10 @@ impl CachedKernel {
     /// any older one) and maps it back, so the caller can use the page cache's copy and free its
     /// own.
     pub fn store(&self, values: &[f32]) -> std::io::Result<MappedF32> {
-        let unsupported = || std::io::Error::other("kernel cache: not a little-endian target");
         if !cfg!(target_endian = "little") {
-            return Err(unsupported());
+            return Err(std::io::Error::other(
+                "kernel cache: not a little-endian target",
+            ));
         }
         let dir = &self.cache.dir;
         std::fs::create_dir_all(dir)?;
