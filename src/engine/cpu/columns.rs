@@ -34,7 +34,7 @@ pub(super) fn forward(
     let (k, taps) = (conv.kernel, conv.kernel * conv.kernel);
     let (width, rows, wide) = wide_geometry(conv, (output.h, output.w));
     let depth = taps * conv.c_in;
-    let threads = candle_core::utils::get_num_threads();
+    let threads = super::threads();
     let mut columns = vec![0f32; depth * wide];
     let mut wide_out = vec![0f32; conv.c_out * wide];
     let mut out = vec![0f32; output.len()];
@@ -88,7 +88,7 @@ pub(super) fn input_grad(
     let (k, taps, p) = (conv.kernel, conv.kernel * conv.kernel, conv.padding);
     let (width, rows, wide) = wide_geometry(conv, (ho, wo));
     let depth = taps * conv.c_in;
-    let threads = candle_core::utils::get_num_threads();
+    let threads = super::threads();
     let mut d_columns = vec![0f32; depth * wide];
     let mut dx = vec![0f32; input.len()];
     let g_image = conv.c_out * ho * wo;

@@ -428,7 +428,7 @@ impl PackedConv {
         let width = wo + reach;
         let rows = ho + reach + 1;
         let wide = ho * width;
-        let threads = candle_core::utils::get_num_threads();
+        let threads = super::threads();
         let mut wide_out = vec![0f32; self.c_out * wide];
         for image in 0..input.n {
             let src = &x[image * input.image()..(image + 1) * input.image()];
@@ -496,7 +496,7 @@ impl PackedConv {
         let width = phase_w.max(wo) + reach;
         let rows = phase_h.max(ho) + reach + 1;
         let wide = phase_h * width;
-        let threads = candle_core::utils::get_num_threads();
+        let threads = super::threads();
         let out_image = input.image();
         let mut dx = vec![0f32; input.len()];
         let mut wide_out = vec![0f32; self.c_in * wide];
@@ -563,7 +563,7 @@ impl PackedConv {
         out: &mut [f32],
     ) {
         let pixels = input.h * input.w;
-        let threads = candle_core::utils::get_num_threads();
+        let threads = super::threads();
         for (image, (dst, src)) in out
             .chunks_mut(self.c_out * pixels)
             .zip(x.chunks(input.image()))
@@ -602,7 +602,7 @@ impl PackedConv {
 
     fn pointwise_input_grad(&self, g: &[f32], input: Nchw) -> Vec<f32> {
         let pixels = input.h * input.w;
-        let threads = candle_core::utils::get_num_threads();
+        let threads = super::threads();
         let mut dx = vec![0f32; input.len()];
         for (dst, src) in dx
             .chunks_mut(input.image())

@@ -206,6 +206,16 @@ impl<T> DisjointWrites<T> {
     }
 }
 
+/// The threads a matrix product is split over: candle's count (`RAYON_NUM_THREADS`, else the
+/// physical cores), worked out once.
+///
+/// candle works it out anew on every call, and on Linux that parses `/proc/cpuinfo`: about 300
+/// times per UNet call, while the other threads wait.
+pub(crate) fn threads() -> usize {
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// Whether `t` is work for these kernels: f32 on the CPU, with the kernels turned on.
 pub fn handles(t: &Tensor) -> bool {
     t.dtype() == DType::F32 && t.device().is_cpu() && isa() != Isa::Candle

@@ -262,7 +262,7 @@ fn convolve(
     let widest = shape.c.max(out_channels);
     let slab_rows = (SLAB_BYTES / (POSITIONS * 4 * widest * tw)).clamp(1, tile_rows);
     let mut out = vec![0f32; shape.n * out_channels * h * w];
-    let threads = candle_core::utils::get_num_threads();
+    let threads = super::threads();
     let mut buffers = SlabBuffers::take(
         POSITIONS * shape.c * slab_rows * tw,
         POSITIONS * out_channels * slab_rows * tw,
