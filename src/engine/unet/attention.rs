@@ -5,12 +5,14 @@
 //!   differentiable softmax and handed to the controller, which may keep them in the graph;
 //! - self-attention inside a graph: a recomputing op keeps only its input and rebuilds the
 //!   probabilities head by head during the backward;
+//! - cross-attention inside a graph: on the CPU one op that keeps the keys and values and
+//!   recomputes the rest in the backward, elsewhere the controller's path without a controller;
 //! - otherwise: the fast fused path, attending a few heads at a time to bound memory.
 
 use crate::engine::weights::WeightSource;
 use candle_core::{Module, Result, Tensor, D};
 
-use crate::engine::control::{AttentionControl, AttentionKind, AttentionSite};
+use crate::engine::control::{AttentionControl, AttentionKind, AttentionSite, PassThrough};
 use crate::engine::cpu::{self, attention::AttentionShape};
 use crate::engine::grad_ops::{
     self, compute_dtype, with_vjp, Conv2d, GroupNorm, LayerNorm, Linear, RecomputedAttention,
@@ -107,6 +109,13 @@ impl Attention {
                     self.recomputed(x)?
                 }
             }
+            _ if x.track_op() || context.track_op() => {
+                if cpu::handles(x) && !context.track_op() {
+                    self.cross_in_graph_cpu(x, context)?
+                } else {
+                    self.controlled(x, context, spatial, &mut PassThrough)?
+                }
+            }
             _ if cpu::handles(x) => {
                 let q = self.to_q.forward(x)?;
                 let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
@@ -199,20 +208,47 @@ impl Attention {
         let this = self.clone();
         with_vjp("self_attention", x, out, move |x, _, g| {
             let (q, k, v) = project_with(&this, &x.detach())?;
-            let shape = AttentionShape::of(&q, &k, this.heads)?;
-            let (scale, products) = (this.scale as f32, this.products);
-            let (dq, dk, dv) = cpu::with_f32(&q, |q| {
-                cpu::with_f32(&k, |k| {
-                    cpu::with_f32(&v, |v| {
-                        cpu::with_f32(g, |g| {
-                            cpu::attention::attend_backward_in(products, q, k, v, g, shape, scale)
-                        })
-                    })
-                })
-            })????;
+            let (dq, dk, dv) = this.cpu_backward(&q, &k, &v, g)?;
             let back = |d: Vec<f32>, layer: &Linear| layer.input_grad(&cpu::tensor(d, x.shape())?);
             (back(dq, &this.to_q)? + back(dk, &this.to_k)?)? + back(dv, &this.to_v)?
         })
+    }
+
+    /// Cross-attention inside a graph that the context is outside of, on the CPU kernels: `x`
+    /// reaches the output through the queries only, so the node keeps the keys and values (77
+    /// tokens) and recomputes the queries in the backward.
+    fn cross_in_graph_cpu(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let q = self.to_q.forward(&x.detach())?;
+        let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
+        let out =
+            cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale, self.products)?;
+        let this = self.clone();
+        with_vjp("cross_attention", x, out, move |x, _, g| {
+            let q = this.to_q.forward(&x.detach())?;
+            let (dq, _, _) = this.cpu_backward(&q, &k, &v, g)?;
+            this.to_q.input_grad(&cpu::tensor(dq, x.shape())?)
+        })
+    }
+
+    /// `(∂L/∂q, ∂L/∂k, ∂L/∂v)` of the CPU attention, given `∂L/∂out` (`g`).
+    fn cpu_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let shape = AttentionShape::of(q, k, self.heads)?;
+        let (scale, products) = (self.scale as f32, self.products);
+        cpu::with_f32(q, |q| {
+            cpu::with_f32(k, |k| {
+                cpu::with_f32(v, |v| {
+                    cpu::with_f32(g, |g| {
+                        cpu::attention::attend_backward_in(products, q, k, v, g, shape, scale)
+                    })
+                })
+            })
+        })???
     }
 }
 
@@ -477,5 +513,77 @@ impl SpatialTransformer {
             Projection::Linear(linear) => to_image(&linear.forward(&tokens)?)?,
         };
         out + x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarBuilder;
+
+    /// `∂L/∂x` through one attention layer given no controller, against the same layer with the
+    /// controller's path (candle's ops and autograd, a differentiable softmax).
+    fn gradient_matches_the_controllers_path(kind: AttentionKind) {
+        let (query_dim, context_dim, heads, tokens) = (32, 24, 2, 20);
+        let device = Device::Cpu;
+        let random = |shape: &[usize]| Tensor::randn(0f32, 0.3, shape, &device).unwrap();
+        let keys_dim = match kind {
+            AttentionKind::CrossAttention => context_dim,
+            AttentionKind::SelfAttention => query_dim,
+        };
+        let weights = [
+            ("to_q.weight", random(&[query_dim, query_dim])),
+            ("to_k.weight", random(&[query_dim, keys_dim])),
+            ("to_v.weight", random(&[query_dim, keys_dim])),
+            ("to_out.0.weight", random(&[query_dim, query_dim])),
+            ("to_out.0.bias", random(&[query_dim])),
+        ];
+        let vb = VarBuilder::from_tensors(
+            weights
+                .into_iter()
+                .map(|(n, t)| (n.to_string(), t))
+                .collect(),
+            DType::F32,
+            &device,
+        );
+        let layer =
+            Attention::load(vb.into(), query_dim, keys_dim, heads, kind, "a".into()).unwrap();
+        let x = Var::from_tensor(&random(&[1, tokens, query_dim])).unwrap();
+        let context = random(&[1, 7, context_dim]);
+        let weight_of_output = random(&[1, tokens, query_dim]);
+        let gradient = |out: Tensor| {
+            let loss = (out * &weight_of_output).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let g = grads.get(x.as_tensor()).expect("a gradient reaches x");
+            g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let spatial = (4, 5);
+        let fast = layer
+            .forward(x.as_tensor(), Some(&context), spatial, &mut PassThrough)
+            .unwrap();
+        let context = match kind {
+            AttentionKind::CrossAttention => &context,
+            AttentionKind::SelfAttention => x.as_tensor(),
+        };
+        let reference = layer
+            .controlled(x.as_tensor(), context, spatial, &mut PassThrough)
+            .and_then(|out| layer.to_out.forward(&out))
+            .unwrap();
+        let (fast, reference) = (gradient(fast), gradient(reference));
+        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in fast.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * scale, "{kind:?} x[{i}]: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn cross_attention_passes_the_gradient_to_its_queries() {
+        gradient_matches_the_controllers_path(AttentionKind::CrossAttention);
+    }
+
+    #[test]
+    fn self_attention_recomputed_matches_the_controllers_path() {
+        gradient_matches_the_controllers_path(AttentionKind::SelfAttention);
     }
 }
