@@ -26,7 +26,7 @@ use super::cpu::{
     norm::GroupNormParams, Products,
 };
 use super::kernel_cache::{CachedKernel, KernelForm};
-use super::weights::{F32Values, MappedF32, WeightSource};
+use super::weights::{F32Values, WeightSource};
 
 /// The backward of one [`with_vjp`] node: `(input, output, output gradient) -> input gradient`.
 type Vjp = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
@@ -129,12 +129,12 @@ pub struct Linear {
 /// A linear layer's weight in the form its products want.
 #[derive(Debug, Clone)]
 enum LinearWeight {
-    /// `(out_features, in_features)`.
+    /// `(out_features, in_features)`, for candle's products.
     Tensor(Tensor),
-    /// `(out_features, in_features)` f32 values in place in the weights file, for the CPU
-    /// kernels.
-    Mapped {
-        values: MappedF32,
+    /// `(out_features, in_features)` f32 values for the CPU kernels: in place in the weights
+    /// file, or in memory of their own when they came as a tensor.
+    Cpu {
+        values: Arc<F32Values>,
         out_features: usize,
         in_features: usize,
     },
@@ -142,31 +142,54 @@ enum LinearWeight {
     Tiles(Arc<TileLinear>),
 }
 
+impl LinearWeight {
+    /// `(out_features, in_features)` f32 values in the form [`cpu::products`] wants: as they
+    /// are for f32 products, packed into tiles (and the mapped pages let go) for bf16.
+    fn for_cpu(values: F32Values, out_features: usize, in_features: usize) -> Self {
+        match cpu::products() {
+            Products::Bf16 => {
+                let tiles = TileLinear::pack(&values, out_features, in_features);
+                if let F32Values::Mapped(mapped) = values {
+                    mapped.release();
+                }
+                Self::Tiles(Arc::new(tiles))
+            }
+            Products::F32 => Self::Cpu {
+                values: Arc::new(values),
+                out_features,
+                in_features,
+            },
+        }
+    }
+}
+
 impl Linear {
-    /// Wraps weights laid out like PyTorch's `nn.Linear`.
+    /// Wraps weights laid out like PyTorch's `nn.Linear`. An f32 weight on the CPU is copied
+    /// out for the CPU kernels, as a loaded one is used in place.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let tiles = (cpu::products() == Products::Bf16 && cpu::handles(&weight))
-            .then(|| {
-                let (out_features, in_features) = weight.dims2().ok()?;
-                cpu::with_f32(&weight, |w| TileLinear::pack(w, out_features, in_features)).ok()
-            })
-            .flatten();
-        let weight = match tiles {
-            Some(tiles) => LinearWeight::Tiles(Arc::new(tiles)),
-            None => LinearWeight::Tensor(weight),
+        let weight = match weight.dims2() {
+            Ok((out_features, in_features)) if cpu::handles(&weight) => {
+                match cpu::with_f32(&weight, <[f32]>::to_vec) {
+                    Ok(values) => {
+                        LinearWeight::for_cpu(F32Values::Owned(values), out_features, in_features)
+                    }
+                    Err(_) => LinearWeight::Tensor(weight),
+                }
+            }
+            _ => LinearWeight::Tensor(weight),
         };
         Self { weight, bias }
     }
 
-    /// The weight, `(out_features, in_features)` (a copy when it is packed).
+    /// The weight, `(out_features, in_features)` (a copy when the CPU kernels hold it).
     pub fn weight(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Tensor(w) => Ok(w.clone()),
-            LinearWeight::Mapped {
+            LinearWeight::Cpu {
                 values,
                 out_features,
                 in_features,
-            } => cpu::tensor(values.as_slice().to_vec(), (*out_features, *in_features)),
+            } => cpu::tensor(values.to_vec(), (*out_features, *in_features)),
             LinearWeight::Tiles(t) => cpu::tensor(t.unpack(), (t.out_features(), t.in_features())),
         }
     }
@@ -196,30 +219,18 @@ impl Linear {
             let weight = vb.get((out_features, in_features), "weight")?;
             return Ok(Self::new(weight, bias));
         };
-        let weight = match cpu::products() {
-            Products::Bf16 => {
-                let tiles = TileLinear::pack(values.as_slice(), out_features, in_features);
-                values.release();
-                LinearWeight::Tiles(Arc::new(tiles))
-            }
-            Products::F32 => LinearWeight::Mapped {
-                values,
-                out_features,
-                in_features,
-            },
-        };
+        let weight = LinearWeight::for_cpu(F32Values::Mapped(values), out_features, in_features);
         Ok(Self { weight, bias })
     }
 
-    /// The mapped weight and the sizes of its product with `t`, when the CPU kernels run `t` on
-    /// it; `t`'s last dimension must be `features` (`in_features` forward, `out_features`
-    /// backward).
-    fn mapped_for(
+    /// The CPU kernels' weight and the sizes of its product with `t`, when they run `t` on it;
+    /// `t`'s last dimension must be `features` (`in_features` forward, `out_features` backward).
+    fn cpu_weight_for(
         &self,
         t: &Tensor,
         features: impl Fn(usize, usize) -> usize,
-    ) -> Option<Result<(&MappedF32, LinearShape)>> {
-        let LinearWeight::Mapped {
+    ) -> Option<Result<(&[f32], LinearShape)>> {
+        let LinearWeight::Cpu {
             values,
             out_features,
             in_features,
@@ -255,13 +266,13 @@ impl Linear {
     }
 
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(mapped) = self.mapped_for(x, |in_features, _| in_features) {
-            let (values, shape) = mapped?;
+        if let Some(weight) = self.cpu_weight_for(x, |in_features, _| in_features) {
+            let (values, shape) = weight?;
             let mut dims = x.dims().to_vec();
             *dims.last_mut().expect("rank ≥ 1") = shape.out_features;
             let bias = self.bias_values()?;
             let y = cpu::with_f32(x, |x| {
-                cpu::linear::forward(x, values.as_slice(), bias.as_deref(), shape)
+                cpu::linear::forward(x, values, bias.as_deref(), shape)
             })?;
             return cpu::tensor(y, dims);
         }
@@ -283,11 +294,11 @@ impl Linear {
 impl Linear {
     /// `∂L/∂x` given `∂L/∂y`: `g·W`.
     pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
-        if let Some(mapped) = self.mapped_for(g, |_, out_features| out_features) {
-            let (values, shape) = mapped?;
+        if let Some(weight) = self.cpu_weight_for(g, |_, out_features| out_features) {
+            let (values, shape) = weight?;
             let mut dims = g.dims().to_vec();
             *dims.last_mut().expect("rank ≥ 1") = shape.in_features;
-            let dx = cpu::with_f32(g, |g| cpu::linear::input_grad(g, values.as_slice(), shape))?;
+            let dx = cpu::with_f32(g, |g| cpu::linear::input_grad(g, values, shape))?;
             return cpu::tensor(dx, dims);
         }
         if let Some(tiles) = self.tiles_for(g) {
