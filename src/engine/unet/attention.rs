@@ -264,17 +264,11 @@ fn project_with(attention: &Attention, x: &Tensor) -> Result<(Tensor, Tensor, Te
 /// Tokens the CPU feed-forward takes at a time.
 const FF_TOKENS: usize = 256;
 
-/// `f` of `x` (`(b, n, c)`) computed [`FF_TOKENS`] tokens at a time.
-fn by_token_blocks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    let n = x.dim(1)?;
-    if n <= FF_TOKENS {
-        return f(x);
-    }
-    let blocks = (0..n)
+/// `(start, len)` of each block of [`FF_TOKENS`] tokens among `n`.
+fn token_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
         .step_by(FF_TOKENS)
-        .map(|start| f(&x.narrow(1, start, FF_TOKENS.min(n - start))?))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&blocks, 1)
+        .map(move |start| (start, FF_TOKENS.min(n - start)))
 }
 
 /// GEGLU feed-forward: `Linear(d → 2·4d)`, `a·gelu(b)`, `Linear(4d → d)`.
@@ -295,22 +289,29 @@ impl FeedForward {
 }
 
 impl FeedForward {
-    /// On the CPU: the GEGLU in one pass, and inside a graph one node that keeps only `x` (the
-    /// hidden rows, 8× as wide, are recomputed in the backward instead of kept). Both run
-    /// [`FF_TOKENS`] tokens at a time, so the hidden rows fit in a few megabytes that the
-    /// allocator hands back for the next block.
+    /// On the CPU: the GEGLU in one pass, [`FF_TOKENS`] tokens at a time, so that outside a
+    /// graph the hidden rows (8× as wide as `x`) fit in a few megabytes that the allocator hands
+    /// back for the next block. Inside a graph it is one node that keeps each block's hidden rows
+    /// for the backward: recomputing them there took 40 % of the backward's products, and
+    /// keeping them costs about 380 MB in a 512² guidance gradient.
     fn forward_cpu(&self, x: &Tensor) -> Result<Tensor> {
-        let y = by_token_blocks(&x.detach(), |x| self.proj_out.forward(&self.hidden(x)?.1))?;
+        let kept_for_backward = x.track_op();
+        let (detached, mut outputs, mut hidden) = (x.detach(), vec![], vec![]);
+        for (start, len) in token_blocks(x.dim(1)?) {
+            let (h, u) = self.hidden(&detached.narrow(1, start, len)?)?;
+            outputs.push(self.proj_out.forward(&u)?);
+            if kept_for_backward {
+                hidden.push(h);
+            }
+        }
+        let y = Tensor::cat(&outputs, 1)?;
         let this = self.clone();
-        with_vjp("feed_forward", x, y, move |x, _, g| {
-            let n = x.dim(1)?;
-            let mut dx = Vec::with_capacity(n.div_ceil(FF_TOKENS));
-            for start in (0..n).step_by(FF_TOKENS) {
-                let len = FF_TOKENS.min(n - start);
-                let (h, u) = this.hidden(&x.detach().narrow(1, start, len)?)?;
+        with_vjp("feed_forward", x, y, move |_, _, g| {
+            let mut dx = Vec::with_capacity(hidden.len());
+            for (h, (start, len)) in hidden.iter().zip(token_blocks(g.dim(1)?)) {
                 let d_u = this.proj_out.input_grad(&g.narrow(1, start, len)?)?;
-                let inner = u.dim(D::Minus1)?;
-                let dh = cpu::with_f32(&h, |h| {
+                let inner = d_u.dim(D::Minus1)?;
+                let dh = cpu::with_f32(h, |h| {
                     cpu::with_f32(&d_u, |d| cpu::geglu::backward(h, d, inner))
                 })??;
                 dx.push(this.proj_in.input_grad(&cpu::tensor(dh, h.shape())?)?);
