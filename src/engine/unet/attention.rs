@@ -3,10 +3,10 @@
 //! Every attention layer can take three paths:
 //! - the controller wants this kind of layer: the probabilities are materialised with a
 //!   differentiable softmax and handed to the controller, which may keep them in the graph;
-//! - self-attention inside a graph: a recomputing op keeps only its input and rebuilds the
-//!   probabilities head by head during the backward;
-//! - cross-attention inside a graph: on the CPU one op that keeps the keys and values and
-//!   recomputes the rest in the backward, elsewhere the controller's path without a controller;
+//! - self-attention inside a graph: a recomputing op that rebuilds the probabilities head by
+//!   head during the backward (keeping only its input, or on the CPU its projections);
+//! - cross-attention inside a graph: on the CPU the same op, elsewhere the controller's path
+//!   without a controller;
 //! - otherwise: the fast fused path, attending a few heads at a time to bound memory.
 
 use crate::engine::weights::WeightSource;
@@ -199,7 +199,9 @@ impl Attention {
 }
 
 impl Attention {
-    /// [`Self::recomputed`] on the CPU kernels, with the heads never split off by copying.
+    /// [`Self::recomputed`] on the CPU kernels, with the heads never split off by copying. It
+    /// keeps the projections `q`, `k`, `v` (three times the size of `x`, where recomputing them
+    /// took a quarter of the backward) and recomputes only the probabilities.
     fn recomputed_cpu(&self, x: &Tensor) -> Result<Tensor> {
         let x_detached = x.detach();
         let (q, k, v) = project_with(self, &x_detached)?;
@@ -207,7 +209,6 @@ impl Attention {
             cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale, self.products)?;
         let this = self.clone();
         with_vjp("self_attention", x, out, move |x, _, g| {
-            let (q, k, v) = project_with(&this, &x.detach())?;
             let (dq, dk, dv) = this.cpu_backward(&q, &k, &v, g)?;
             let back = |d: Vec<f32>, layer: &Linear| layer.input_grad(&cpu::tensor(d, x.shape())?);
             (back(dq, &this.to_q)? + back(dk, &this.to_k)?)? + back(dv, &this.to_v)?
@@ -215,8 +216,8 @@ impl Attention {
     }
 
     /// Cross-attention inside a graph that the context is outside of, on the CPU kernels: `x`
-    /// reaches the output through the queries only, so the node keeps the keys and values (77
-    /// tokens) and recomputes the queries in the backward.
+    /// reaches the output through the queries only. The node keeps the queries, keys and values,
+    /// as [`Self::recomputed_cpu`] does.
     fn cross_in_graph_cpu(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let q = self.to_q.forward(&x.detach())?;
         let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
@@ -224,7 +225,6 @@ impl Attention {
             cpu::attention::attend_tensors(&q, &k, &v, self.heads, self.scale, self.products)?;
         let this = self.clone();
         with_vjp("cross_attention", x, out, move |x, _, g| {
-            let q = this.to_q.forward(&x.detach())?;
             let (dq, _, _) = this.cpu_backward(&q, &k, &v, g)?;
             this.to_q.input_grad(&cpu::tensor(dq, x.shape())?)
         })
