@@ -167,16 +167,17 @@ impl Linear {
     /// Wraps weights laid out like PyTorch's `nn.Linear`. An f32 weight on the CPU is copied
     /// out for the CPU kernels, as a loaded one is used in place.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let weight = match weight.dims2() {
-            Ok((out_features, in_features)) if cpu::handles(&weight) => {
-                match cpu::with_f32(&weight, <[f32]>::to_vec) {
-                    Ok(values) => {
-                        LinearWeight::for_cpu(F32Values::Owned(values), out_features, in_features)
-                    }
-                    Err(_) => LinearWeight::Tensor(weight),
-                }
+        let cpu_values = match weight.dims2() {
+            Ok(dims) if cpu::handles(&weight) => cpu::with_f32(&weight, <[f32]>::to_vec)
+                .ok()
+                .map(|values| (values, dims)),
+            _ => None,
+        };
+        let weight = match cpu_values {
+            Some((values, (out_features, in_features))) => {
+                LinearWeight::for_cpu(F32Values::Owned(values), out_features, in_features)
             }
-            _ => LinearWeight::Tensor(weight),
+            None => LinearWeight::Tensor(weight),
         };
         Self { weight, bias }
     }

@@ -32,7 +32,7 @@ mod matmul;
 pub mod norm;
 mod simd;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 mod winograd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
