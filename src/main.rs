@@ -50,6 +50,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    pix2pix_zero::engine::cpu::candle_pool::spin_briefly();
     pix2pix_zero::engine::cpu::allocator::keep_freed_memory();
     let command = Cli::parse()
         .command

@@ -22,6 +22,7 @@ pub mod allocator;
 pub mod amx;
 pub mod attention;
 mod attention_amx;
+pub mod candle_pool;
 mod columns;
 pub mod conv;
 mod conv_amx;
