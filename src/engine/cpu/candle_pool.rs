@@ -4,8 +4,8 @@
 //! run these kernels. After each op its workers spin 25 000 times (about half a millisecond)
 //! before they park, and candle still runs a few hundred small ops per UNet call (residual adds,
 //! the guidance's loss), so on a machine with few cores those spins take turns from the
-//! kernels' threads: 4–6 % of a guidance gradient's samples were that loop. candle reads the
-//! limit from `CANDLE_BARRIER_POOL_SPIN_LIMIT` once, when it makes the pool.
+//! kernels' threads: about 6 % of a guidance gradient's samples were that loop. candle reads
+//! the limit from `CANDLE_BARRIER_POOL_SPIN_LIMIT` once, when it makes the pool.
 
 /// The spins a candle worker waits before it parks, when the user has not chosen: long enough
 /// to catch an op that follows at once, short enough to leave the core to the kernels.
