@@ -1,8 +1,10 @@
 //! Stride-1 convolutions as one matrix product over the image's im2col columns, on PyTorch's
 //! `(c_out, c_in·k·k)` kernel layout as it lies in the weights file.
 //!
-//! The layers too wide for Winograd (the UNet's 1280-channel levels, most of its weights) run
-//! here, so that their kernels need no packed copy: loading them costs no fresh memory. Row
+//! The layers too wide for a Winograd copy of their kernel (the UNet's 1280-channel levels, most
+//! of its weights) keep that kernel in place, so loading them costs no fresh memory; their 3×3
+//! convolutions run here on outputs too small for Winograd in place
+//! ([`super::winograd::runs_in_place`]), and their other kernel sizes always. Row
 //! `ci·k² + t` of the columns is channel `ci` of the zero-padded image shifted by tap `t`, laid
 //! out "wide" as in [`super::conv`] (rows of `wo + k − 1` pixels, junk past `wo`), so the forward
 //! is `W · columns` and the input gradient is `Wᵀ · g` scattered back tap by tap (col2im).

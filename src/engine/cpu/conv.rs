@@ -16,9 +16,10 @@
 //! The weights are packed once, at load time, as `(k·k, c_out, c_in)`; the products run on
 //! `gemm`, which picks its AVX-512, AVX2 or portable kernels at run time. Wider stride-1 layers
 //! take other forms (see `F32Form`): a 3×3 layer of 128 to 640 channels is transformed for
-//! Winograd's F(2×2, 3×3) ([`super::winograd`]); the wider ones run one product over im2col
-//! columns on PyTorch's layout, which a 1×1 kernel has too, so that neither is copied out of
-//! its weights file ([`super::columns`]). With bf16 products ([`super::Products::Bf16`]) the
+//! Winograd's F(2×2, 3×3) ([`super::winograd`]); the wider ones keep PyTorch's layout, which a
+//! 1×1 kernel has too, so that neither is copied out of its weights file: their 3×3 kernels are
+//! transformed for Winograd block by block on every call where the output is large enough, and
+//! otherwise run one product over im2col columns ([`super::columns`]). With bf16 products ([`super::Products::Bf16`]) the
 //! sums run on AMX tiles ([`super::conv_amx`]).
 
 use rayon::prelude::*;
@@ -26,7 +27,7 @@ use rayon::prelude::*;
 use super::columns;
 use super::conv_amx::TileTaps;
 use super::matmul::{product, Matrix};
-use super::winograd::WinogradKernel;
+use super::winograd::{self, WinogradKernel};
 use super::Products;
 use crate::engine::weights::F32Values;
 
@@ -56,8 +57,9 @@ enum Weights {
     Bf16(TileTaps),
     /// Transformed for Winograd's F(2×2, 3×3) (3×3, stride 1, f32 products).
     Winograd(WinogradKernel),
-    /// PyTorch's `(c_out, c_in·k·k)`, for one product over the image's im2col columns (stride
-    /// 1, f32 products, outside Winograd's range); usually in place in its weights file.
+    /// PyTorch's `(c_out, c_in·k·k)`, for Winograd transforming it block by block or one product
+    /// over the image's im2col columns (stride 1, f32 products, too wide for a Winograd copy);
+    /// usually in place in its weights file.
     Columns(F32Values),
 }
 
@@ -75,8 +77,8 @@ const COLUMNS_MIN_CHANNELS: usize = 128;
 
 impl F32Form {
     /// Winograd's F(2×2, 3×3) for the 3×3 stride-1 layers it [suits](WinogradKernel::suits),
-    /// one product over im2col columns for the other wide stride-1 layers (the UNet's
-    /// 1280-channel levels), tap by tap for the rest: strided and narrow layers, 1×1 kernels.
+    /// the kernel in place for the other wide stride-1 layers (the UNet's 1280-channel levels),
+    /// tap by tap for the rest: strided and narrow layers, 1×1 kernels.
     fn of((c_out, c_in, kernel): (usize, usize, usize), padding: usize, stride: usize) -> Self {
         if kernel == 3 && stride == 1 && padding <= 2 && WinogradKernel::suits(c_out, c_in) {
             Self::Winograd
@@ -381,6 +383,22 @@ impl PackedConv {
         self.tap(0).as_ptr()
     }
 
+    /// A wide 3×3 layer's kernel in PyTorch's layout as Winograd's, transformed block by block,
+    /// when an output of `output`'s shape has tiles enough for that to beat the im2col product.
+    fn in_place_winograd<'a>(
+        &self,
+        weight: &'a [f32],
+        output: Nchw,
+    ) -> Option<winograd::Kernel<'a>> {
+        (self.kernel == 3 && winograd::runs_in_place(self.padding, output)).then_some(
+            winograd::Kernel::InPlace {
+                weight,
+                c_out: self.c_out,
+                c_in: self.c_in,
+            },
+        )
+    }
+
     /// `conv2d(x) + bias` (+ `extra[n, c_out]` per image and channel, e.g. a time embedding).
     ///
     /// `x`: NCHW of shape `input`. Returns the NCHW output and its shape.
@@ -407,11 +425,15 @@ impl PackedConv {
                 return (tiles.forward(self, x, input, bias, extra, output), output)
             }
             Weights::Winograd(kernel) => {
+                let kernel = winograd::Kernel::Transformed(kernel);
                 let y = kernel.forward(x, input, self.padding, (bias, extra), output);
                 return (y, output);
             }
             Weights::Columns(weight) => {
-                let y = columns::forward(self, weight, x, input, (bias, extra), output);
+                let y = match self.in_place_winograd(weight, output) {
+                    Some(kernel) => kernel.forward(x, input, self.padding, (bias, extra), output),
+                    None => columns::forward(self, weight, x, input, (bias, extra), output),
+                };
                 return (y, output);
             }
             Weights::F32(_) => {}
@@ -475,10 +497,20 @@ impl PackedConv {
         match &self.weights {
             Weights::Bf16(tiles) => return tiles.input_grad(self, g, input, (ho, wo)),
             Weights::Winograd(kernel) => {
-                return kernel.input_grad(g, input, self.padding, (ho, wo))
+                let kernel = winograd::Kernel::Transformed(kernel);
+                return kernel.input_grad(g, input, self.padding, (ho, wo));
             }
             Weights::Columns(weight) => {
-                return columns::input_grad(self, weight, g, input, (ho, wo))
+                let output = Nchw {
+                    n: input.n,
+                    c: self.c_out,
+                    h: ho,
+                    w: wo,
+                };
+                return match self.in_place_winograd(weight, output) {
+                    Some(kernel) => kernel.input_grad(g, input, self.padding, (ho, wo)),
+                    None => columns::input_grad(self, weight, g, input, (ho, wo)),
+                };
             }
             Weights::F32(_) => {}
         }
@@ -750,7 +782,8 @@ mod tests {
                 expected,
                 "{what}: the form its geometry runs"
             );
-            // The same kernel tap by tap, and every stride-1 one over im2col columns too.
+            // The same kernel tap by tap, and every stride-1 one in place too (im2col columns,
+            // or Winograd transforming it on the fly where the output has tiles enough).
             let taps = PackedConv {
                 padding: p,
                 stride: s,

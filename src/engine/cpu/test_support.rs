@@ -9,8 +9,9 @@ pub type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
 
 /// Convolutions the kernels are tested on: `(n, c_in, c_out, h, w, kernel, padding, stride)`,
 /// odd sizes, both strides and kernels, paddings 0–2, channel counts below, at and above one AMX
-/// `k` block, and layers wide enough for Winograd's path.
-pub const CONV_CASES: [ConvCase; 13] = [
+/// `k` block, and layers wide enough for Winograd's path (the im2col product's variants of the
+/// last three run Winograd in place on the first two and im2col on the last, by their tiles).
+pub const CONV_CASES: [ConvCase; 14] = [
     (1, 3, 5, 7, 9, 3, 1, 1),
     (2, 4, 6, 8, 8, 3, 1, 2),
     (1, 5, 3, 9, 6, 3, 0, 2),
@@ -24,6 +25,7 @@ pub const CONV_CASES: [ConvCase; 13] = [
     (1, 70, 33, 13, 3, 3, 1, 1),
     (2, 130, 128, 9, 7, 3, 1, 1),
     (1, 128, 136, 6, 5, 3, 2, 1),
+    (1, 128, 130, 3, 4, 3, 1, 1),
 ];
 
 /// A standard-normal f32 CPU tensor from our seeded generator.

@@ -15,7 +15,10 @@
 //! swapped on both axes: the backward reads the same weights, transposed.
 //!
 //! The transformed kernel is 16/9 the size of the plain one; [`WinogradKernel::suits`] says which
-//! layers are worth it.
+//! layers keep one from load time. The wider layers (a UNet's 1280-channel levels, where those
+//! copies would add 1.4 GB) keep PyTorch's kernel where it lies in the weights file and transform
+//! it on every call, a block of channels at a time just before that block's products
+//! ([`Kernel::InPlace`]), when their output has tiles enough for that to pay.
 
 use rayon::prelude::*;
 
@@ -156,10 +159,43 @@ impl WinogradKernel {
         }
         taps
     }
+}
+
+/// The kernel of one Winograd convolution.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kernel<'a> {
+    /// Transformed at load.
+    Transformed(&'a WinogradKernel),
+    /// PyTorch's `(c_out, c_in, 3, 3)` weights as they lie in the weights file, transformed a
+    /// block of channels at a time on every call ([`runs_in_place`] says when).
+    InPlace {
+        weight: &'a [f32],
+        c_out: usize,
+        c_in: usize,
+    },
+}
+
+/// Which convolution [`convolve`] computes with a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// The layer's own: `U · V` at every position.
+    Forward,
+    /// Its input gradient: the turned kernel's `Uᵀ · V`.
+    InputGrad,
+}
+
+impl Kernel<'_> {
+    /// `(c_out, c_in)` of the layer.
+    fn channels(&self) -> (usize, usize) {
+        match *self {
+            Self::Transformed(kernel) => (kernel.c_out, kernel.c_in),
+            Self::InPlace { c_out, c_in, .. } => (c_out, c_in),
+        }
+    }
 
     /// `conv2d(x) + bias (+ extra[n, c_out])` with zero padding `padding` (at most 2).
     pub(super) fn forward(
-        &self,
+        self,
         x: &[f32],
         input: Nchw,
         padding: usize,
@@ -170,50 +206,162 @@ impl WinogradKernel {
             source: input,
             padding,
             out: (output.h, output.w),
-            out_channels: self.c_out,
+            out_channels: self.channels().0,
         };
-        let pairs = self.c_out * self.c_in;
-        convolve(
-            x,
-            geometry,
-            |position| Matrix::rows(self.transformed[position * pairs..].as_ptr(), self.c_in),
-            offsets,
-        )
+        convolve(x, geometry, self, Direction::Forward, offsets)
     }
 
     /// `∂L/∂x` of [`Self::forward`] for an input of shape `input`, given `∂L/∂y` (`g`, of
     /// `c_out × ho × wo` per image).
     pub(super) fn input_grad(
-        &self,
+        self,
         g: &[f32],
         input: Nchw,
         padding: usize,
         (ho, wo): (usize, usize),
     ) -> Vec<f32> {
+        let (c_out, c_in) = self.channels();
         let geometry = Geometry {
             source: Nchw {
                 n: input.n,
-                c: self.c_out,
+                c: c_out,
                 h: ho,
                 w: wo,
             },
             padding: 2 - padding,
             out: (input.h, input.w),
-            out_channels: self.c_in,
+            out_channels: c_in,
         };
-        let pairs = self.c_out * self.c_in;
-        let turned = |i: usize| [3, 1, 2, 0][i];
-        convolve(
-            g,
-            geometry,
-            |position| {
-                let (xi, nu) = (turned(position / 4), turned(position % 4));
-                let start = (xi * 4 + nu) * pairs;
-                Matrix::transposed(self.transformed[start..].as_ptr(), self.c_in)
-            },
-            (None, None),
-        )
+        convolve(g, geometry, self, Direction::InputGrad, (None, None))
     }
+
+    /// The 16 products of one slab: `sums` gets, at each position, the `(out_channels,
+    /// columns)` product of the kernel's matrix there with `transformed`'s `(channels,
+    /// columns)` block.
+    fn multiply(self, direction: Direction, transformed: &[f32], columns: usize, sums: &mut [f32]) {
+        let (c_out, c_in) = self.channels();
+        let (channels, out_channels) = match direction {
+            Direction::Forward => (c_in, c_out),
+            Direction::InputGrad => (c_out, c_in),
+        };
+        let rhs = |position: usize| {
+            Matrix::rows(
+                transformed[position * channels * columns..].as_ptr(),
+                columns,
+            )
+        };
+        match self {
+            Self::Transformed(kernel) => {
+                let pairs = c_out * c_in;
+                let threads = super::threads();
+                for position in 0..POSITIONS {
+                    let lhs = match direction {
+                        Direction::Forward => {
+                            Matrix::rows(kernel.transformed[position * pairs..].as_ptr(), c_in)
+                        }
+                        Direction::InputGrad => Matrix::transposed(
+                            kernel.transformed[turned(position) * pairs..].as_ptr(),
+                            c_in,
+                        ),
+                    };
+                    // SAFETY: `sums` has room for 16 `(out_channels, columns)` blocks; `lhs` is
+                    // an `(out_channels, channels)` matrix inside the transformed kernel and
+                    // `transformed` holds 16 `(channels, columns)` blocks.
+                    unsafe {
+                        product(
+                            sums[position * out_channels * columns..].as_mut_ptr(),
+                            columns,
+                            false,
+                            (out_channels, columns, channels),
+                            lhs,
+                            rhs(position),
+                            1.0,
+                            threads,
+                        )
+                    }
+                }
+            }
+            Self::InPlace { weight, .. } => {
+                assert_eq!(weight.len(), 9 * c_out * c_in, "kernel size");
+                let dst = DisjointWrites(sums.as_mut_ptr());
+                let blocks = out_channels.div_ceil(IN_PLACE_BLOCK);
+                (0..blocks).into_par_iter().for_each(|block| {
+                    let rows =
+                        block * IN_PLACE_BLOCK..out_channels.min((block + 1) * IN_PLACE_BLOCK);
+                    let (co, ci) = match direction {
+                        Direction::Forward => (rows.clone(), 0..c_in),
+                        Direction::InputGrad => (0..c_out, rows.clone()),
+                    };
+                    let size = co.len() * ci.len();
+                    let (mut taps, mut u) = KEPT_BLOCK.take();
+                    for (buffer, len) in [(&mut taps, 15 * ci.len()), (&mut u, POSITIONS * size)] {
+                        if buffer.len() < len {
+                            buffer.resize(len, 0.0);
+                        }
+                    }
+                    transform_block(weight, c_in, co, ci.clone(), &mut taps, &mut u);
+                    for position in 0..POSITIONS {
+                        let lhs = match direction {
+                            Direction::Forward => Matrix::rows(u[position * size..].as_ptr(), c_in),
+                            Direction::InputGrad => {
+                                Matrix::transposed(u[turned(position) * size..].as_ptr(), ci.len())
+                            }
+                        };
+                        // SAFETY: rows `rows` of each position's `(out_channels, columns)` block
+                        // of `sums` are this block's alone; `lhs` is a `(rows, channels)`
+                        // matrix inside `u`, and `rhs` as above.
+                        unsafe {
+                            product(
+                                dst.ptr()
+                                    .add((position * out_channels + rows.start) * columns),
+                                columns,
+                                false,
+                                (rows.len(), columns, channels),
+                                lhs,
+                                rhs(position),
+                                1.0,
+                                1,
+                            )
+                        }
+                    }
+                    KEPT_BLOCK.set((taps, u));
+                });
+            }
+        }
+    }
+}
+
+/// The position of the turned kernel's transform that position `position` reads: turning `g`
+/// swaps `G`'s rows 0 and 3 (see the module's documentation).
+fn turned(position: usize) -> usize {
+    let swap = |i: usize| [3, 1, 2, 0][i];
+    swap(position / 4) * 4 + swap(position % 4)
+}
+
+/// Output channels (or, for the input gradient, input channels) whose kernel one task of an
+/// in-place convolution transforms and multiplies: 16 blocks of `32 × 2560` values at most
+/// (5 MB) for the UNet's widest layers.
+const IN_PLACE_BLOCK: usize = 32;
+
+/// Tiles (of all the batch's images together) from which a wide layer's 3×3 stride-1
+/// convolution runs on Winograd with its kernel transformed [in place](Kernel::InPlace) rather
+/// than as one im2col product. Measured on SD-1.5's 1280-channel layers: 8×8 outputs of one
+/// image (16 tiles) took 13 ms against 20 ms, 4×4 outputs of two images (8 tiles) 10 ms against
+/// 12 ms, and 4×4 outputs of one image (4 tiles) 14 ms against 8 ms, since the products are too
+/// narrow there to pay for transforming the kernel on every call.
+const IN_PLACE_MIN_TILES: usize = 8;
+
+/// Whether a wide 3×3 stride-1 layer with zero padding `padding` runs [in
+/// place](Kernel::InPlace) on an output of `output`'s shape.
+pub(super) fn runs_in_place(padding: usize, output: Nchw) -> bool {
+    padding <= 2 && output.n * output.h.div_ceil(2) * output.w.div_ceil(2) >= IN_PLACE_MIN_TILES
+}
+
+thread_local! {
+    /// A thread's buffers for the kernel blocks of in-place convolutions, kept between them:
+    /// one output channel's kernels tap by tap, and the block's transform.
+    static KEPT_BLOCK: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// Row `i` of `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]` times `v`.
@@ -235,6 +383,78 @@ fn l_row(i: usize, [a, b, _, d]: [f32; 4]) -> f32 {
     }
 }
 
+dispatch! {
+    /// `U = G g Gᵀ` for output channels `co` and input channels `ci` of a PyTorch
+    /// `(c_out, c_in, 3, 3)` kernel, into 16 row-major `(co.len(), ci.len())` blocks at the start
+    /// of `out`, one per position: the same values as the whole kernel's load-time transform.
+    ///
+    /// Each output channel's kernels are first laid out tap by tap in `scratch` (`15·ci.len()`
+    /// values, the last six rows for the `G g` rows that are not taps), so that every later step
+    /// is a pass over whole rows, which vectorizes.
+    fn transform_block(
+        weight: &[f32],
+        c_in: usize,
+        co: std::ops::Range<usize>,
+        ci: std::ops::Range<usize>,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let width = ci.len();
+        let size = co.len() * width;
+        assert!(out.len() >= POSITIONS * size, "block buffer");
+        let (taps, mixed) = scratch[..15 * width].split_at_mut(9 * width);
+        for (row, channel) in co.enumerate() {
+            let first = channel * c_in + ci.start;
+            let kernels = &weight[first * 9..(first + width) * 9];
+            for (pair, kernel) in kernels.chunks_exact(9).enumerate() {
+                for (tap, &value) in kernel.iter().enumerate() {
+                    taps[tap * width + pair] = value;
+                }
+            }
+            let tap = |t: usize| &taps[t * width..(t + 1) * width];
+            // Rows 1 and 2 of G on row `kh` of each kernel; rows 0 and 3 are its first and last
+            // taps as they are.
+            for (kh, pair) in mixed.chunks_exact_mut(2 * width).enumerate() {
+                let (one, two) = pair.split_at_mut(width);
+                let (a, b, c) = (tap(kh * 3), tap(kh * 3 + 1), tap(kh * 3 + 2));
+                g_row_of_rows(1, [a, b, c], one);
+                g_row_of_rows(2, [a, b, c], two);
+            }
+            // `gg(kh, nu)`: row `nu` of G on row `kh` of the kernels.
+            let gg = |kh: usize, nu: usize| match nu {
+                0 => tap(kh * 3),
+                3 => tap(kh * 3 + 2),
+                _ => &mixed[(2 * kh + nu - 1) * width..(2 * kh + nu) * width],
+            };
+            for position in 0..POSITIONS {
+                let (xi, nu) = (position / 4, position % 4);
+                let at = position * size + row * width;
+                g_row_of_rows(xi, [gg(0, nu), gg(1, nu), gg(2, nu)], &mut out[at..at + width]);
+            }
+        }
+    }
+}
+
+/// [`g_row`] element by element over three rows, into `dst`.
+#[inline(always)]
+fn g_row_of_rows(i: usize, [a, b, c]: [&[f32]; 3], dst: &mut [f32]) {
+    let terms = a.iter().zip(b).zip(c);
+    match i {
+        0 => dst.copy_from_slice(a),
+        1 => {
+            for (d, ((a, b), c)) in dst.iter_mut().zip(terms) {
+                *d = 0.5 * (a + b + c);
+            }
+        }
+        2 => {
+            for (d, ((a, b), c)) in dst.iter_mut().zip(terms) {
+                *d = 0.5 * (a - b + c);
+            }
+        }
+        _ => dst.copy_from_slice(c),
+    }
+}
+
 /// How many bytes the transformed input of one slab of tiles may take (and its sums as many):
 /// large enough for products that run at full speed, small enough that a high-resolution layer
 /// holds two slabs instead of four times its input and output. The unit tests take a few
@@ -242,12 +462,13 @@ fn l_row(i: usize, [a, b, _, d]: [f32; 4]) -> f32 {
 const SLAB_BYTES: usize = if cfg!(test) { 4 << 10 } else { 32 << 20 };
 
 /// The convolution behind both directions, a slab of tile rows at a time: the slab's source
-/// transformed, the 16 products with the `(out_channels, channels)` matrices `weights(position)`,
-/// the sums folded back into the output.
+/// transformed, the 16 products with the kernel's `(out_channels, channels)` matrices, the sums
+/// folded back into the output.
 fn convolve(
     source: &[f32],
     geometry: Geometry,
-    weights: impl Fn(usize) -> Matrix,
+    kernel: Kernel,
+    direction: Direction,
     (bias, extra): (Option<&[f32]>, Option<&[f32]>),
 ) -> Vec<f32> {
     let Geometry {
@@ -262,7 +483,6 @@ fn convolve(
     let widest = shape.c.max(out_channels);
     let slab_rows = (SLAB_BYTES / (POSITIONS * 4 * widest * tw)).clamp(1, tile_rows);
     let mut out = vec![0f32; shape.n * out_channels * h * w];
-    let threads = super::threads();
     let mut buffers = SlabBuffers::take(
         POSITIONS * shape.c * slab_rows * tw,
         POSITIONS * out_channels * slab_rows * tw,
@@ -272,26 +492,7 @@ fn convolve(
         let slab = first_row..tile_rows.min(first_row + slab_rows);
         let columns = slab.len() * tw;
         transform_slab(source, geometry, slab.clone(), transformed);
-        for position in 0..POSITIONS {
-            let rhs = Matrix::rows(
-                transformed[position * shape.c * columns..].as_ptr(),
-                columns,
-            );
-            // SAFETY: `sums` has room for 16 `(out_channels, columns)` blocks; `weights` gives
-            // an `(out_channels, c)` matrix and `transformed` holds 16 `(c, columns)` blocks.
-            unsafe {
-                product(
-                    sums[position * out_channels * columns..].as_mut_ptr(),
-                    columns,
-                    false,
-                    (out_channels, columns, shape.c),
-                    weights(position),
-                    rhs,
-                    1.0,
-                    threads,
-                )
-            }
-        }
+        kernel.multiply(direction, transformed, columns, sums);
         fold_slab(sums, geometry, slab, &mut out, (bias, extra));
     }
     buffers.give_back();
@@ -513,5 +714,106 @@ dispatch! {
                 *last = left[tw - 1];
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::test_support::{assert_close, random, values};
+
+    /// A block transformed on the fly holds exactly the load-time transform's values, on
+    /// blocks that start and end mid-row and leave out channels on both sides.
+    #[test]
+    fn block_transform_matches_the_load_time_transform() {
+        let (c_out, c_in) = (37, 21);
+        let weight = values(&random(&[c_out, c_in, 3, 3], 1));
+        let whole = WinogradKernel::from_pytorch(&weight, c_out, c_in);
+        for (co, ci) in [(0..c_out, 0..c_in), (5..17, 3..20), (36..37, 0..1)] {
+            let size = co.len() * ci.len();
+            let mut scratch = vec![f32::NAN; 15 * ci.len()];
+            let mut block = vec![f32::NAN; POSITIONS * size];
+            transform_block(
+                &weight,
+                c_in,
+                co.clone(),
+                ci.clone(),
+                &mut scratch,
+                &mut block,
+            );
+            for position in 0..POSITIONS {
+                for (row, o) in co.clone().enumerate() {
+                    for (column, i) in ci.clone().enumerate() {
+                        let expected =
+                            whole.transformed()[(position * c_out + o) * c_in + i].to_bits();
+                        let got = block[position * size + row * ci.len() + column].to_bits();
+                        assert_eq!(got, expected, "{co:?} × {ci:?}: position {position}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The in-place kernel computes what the transformed one does, forward and input gradient,
+    /// with channel counts that leave partial blocks, every padding, two images and several
+    /// slabs per image.
+    #[test]
+    fn in_place_kernel_matches_the_transformed_kernel() {
+        for (seed, (n, c_in, c_out, h, w, padding)) in [
+            (2, 21, 70, 9, 7, 1),
+            (1, 70, 33, 6, 5, 2),
+            (1, 9, 35, 8, 8, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let what = format!("n{n} ci{c_in} co{c_out} {h}x{w} p{padding}");
+            let seed = 10 * seed as u64;
+            let weight = values(&random(&[c_out, c_in, 3, 3], seed));
+            let x = values(&random(&[n, c_in, h, w], seed + 1));
+            let bias = values(&random(&[c_out], seed + 2));
+            let extra = values(&random(&[n, c_out], seed + 3));
+            let stored = WinogradKernel::from_pytorch(&weight, c_out, c_in);
+            let transformed = Kernel::Transformed(&stored);
+            let in_place = Kernel::InPlace {
+                weight: &weight,
+                c_out,
+                c_in,
+            };
+            let input = Nchw { n, c: c_in, h, w };
+            let (ho, wo) = (h + 2 * padding - 2, w + 2 * padding - 2);
+            let output = Nchw {
+                n,
+                c: c_out,
+                h: ho,
+                w: wo,
+            };
+            let offsets = (Some(&bias[..]), Some(&extra[..]));
+            let forward = |k: Kernel| k.forward(&x, input, padding, offsets, output);
+            assert_close(
+                &forward(in_place),
+                &forward(transformed),
+                1e-6,
+                &format!("{what}: forward"),
+            );
+            let g = values(&random(&[n, c_out, ho, wo], seed + 4));
+            let grad = |k: Kernel| k.input_grad(&g, input, padding, (ho, wo));
+            assert_close(
+                &grad(in_place),
+                &grad(transformed),
+                1e-6,
+                &format!("{what}: input gradient"),
+            );
+        }
+    }
+
+    /// Small outputs keep the im2col product, larger ones run in place.
+    #[test]
+    fn in_place_needs_enough_tiles() {
+        let shape = |n, h, w| Nchw { n, c: 1280, h, w };
+        assert!(!runs_in_place(1, shape(1, 4, 4)));
+        assert!(runs_in_place(1, shape(2, 4, 4)));
+        assert!(runs_in_place(1, shape(1, 8, 8)));
+        assert!(!runs_in_place(3, shape(1, 8, 8)));
     }
 }
