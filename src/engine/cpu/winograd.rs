@@ -345,11 +345,12 @@ const IN_PLACE_BLOCK: usize = 32;
 
 /// Tiles (of all the batch's images together) from which a wide layer's 3×3 stride-1
 /// convolution runs on Winograd with its kernel transformed [in place](Kernel::InPlace) rather
-/// than as one im2col product. Measured on SD-1.5's 1280-channel layers: 8×8 outputs of one
-/// image (16 tiles) took 13 ms against 20 ms, 4×4 outputs of two images (8 tiles) 10 ms against
-/// 12 ms, and 4×4 outputs of one image (4 tiles) 14 ms against 8 ms, since the products are too
-/// narrow there to pay for transforming the kernel on every call.
-const IN_PLACE_MIN_TILES: usize = 8;
+/// than as one im2col product: below that the products are too narrow to pay for transforming
+/// the kernel on every call. Measured on SD-1.5's 1280-channel layers, forward and input
+/// gradient: 8×8 outputs of two images (32 tiles) took 8.5 and 10.7 ms against 12.8 and 15.6 ms
+/// on a Zen 4 with AVX-512, and 18 against 34 ms forward on a Zen 3 with AVX2. At 16 tiles the
+/// two disagreed (7.5 against 6.3 ms on the Zen 4, 13 against 20 ms on the Zen 3).
+const IN_PLACE_MIN_TILES: usize = 32;
 
 /// Whether a wide 3×3 stride-1 layer with zero padding `padding` runs [in
 /// place](Kernel::InPlace) on an output of `output`'s shape.
@@ -406,11 +407,7 @@ dispatch! {
         for (row, channel) in co.enumerate() {
             let first = channel * c_in + ci.start;
             let kernels = &weight[first * 9..(first + width) * 9];
-            for (pair, kernel) in kernels.chunks_exact(9).enumerate() {
-                for (tap, &value) in kernel.iter().enumerate() {
-                    taps[tap * width + pair] = value;
-                }
-            }
+            lay_out_by_tap(kernels, taps);
             let tap = |t: usize| &taps[t * width..(t + 1) * width];
             // Rows 1 and 2 of G on row `kh` of each kernel; rows 0 and 3 are its first and last
             // taps as they are.
@@ -431,6 +428,24 @@ dispatch! {
                 let at = position * size + row * width;
                 g_row_of_rows(xi, [gg(0, nu), gg(1, nu), gg(2, nu)], &mut out[at..at + width]);
             }
+        }
+    }
+}
+
+/// `kernels`' 3×3 kernels (nine values each, one after another) tap by tap into `taps`: tap `t`
+/// of kernel `k` at `t · kernels.len() / 9 + k`.
+///
+/// Kept out of [`transform_block`]'s AVX-512 copy on purpose: compiled there, LLVM reads the
+/// stride-9 taps with gathers, and the transform of a 1280-channel kernel took 19 ms on one
+/// core of a Zen 4 instead of 7 ms with these plain loads and shuffles.
+#[inline(never)]
+fn lay_out_by_tap(kernels: &[f32], taps: &mut [f32]) {
+    let (kernels, _) = kernels.as_chunks::<9>();
+    let width = kernels.len();
+    for tap in 0..9 {
+        let row = &mut taps[tap * width..(tap + 1) * width];
+        for (value, kernel) in row.iter_mut().zip(kernels) {
+            *value = kernel[tap];
         }
     }
 }
@@ -811,9 +826,10 @@ mod tests {
     #[test]
     fn in_place_needs_enough_tiles() {
         let shape = |n, h, w| Nchw { n, c: 1280, h, w };
-        assert!(!runs_in_place(1, shape(1, 4, 4)));
-        assert!(runs_in_place(1, shape(2, 4, 4)));
-        assert!(runs_in_place(1, shape(1, 8, 8)));
-        assert!(!runs_in_place(3, shape(1, 8, 8)));
+        assert!(!runs_in_place(1, shape(2, 4, 4)));
+        assert!(!runs_in_place(1, shape(1, 8, 8)));
+        assert!(runs_in_place(1, shape(2, 8, 8)));
+        assert!(runs_in_place(1, shape(1, 7, 15)));
+        assert!(!runs_in_place(3, shape(2, 8, 8)));
     }
 }
