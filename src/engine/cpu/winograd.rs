@@ -348,8 +348,8 @@ const IN_PLACE_BLOCK: usize = 32;
 /// than as one im2col product: below that the products are too narrow to pay for transforming
 /// the kernel on every call. Measured on SD-1.5's 1280-channel layers, forward and input
 /// gradient: 8×8 outputs of two images (32 tiles) took 8.5 and 10.7 ms against 12.8 and 15.6 ms
-/// on a Zen 4 with AVX-512, and 18 against 34 ms forward on a Zen 3 with AVX2. At 16 tiles the
-/// two disagreed (7.5 against 6.3 ms on the Zen 4, 13 against 20 ms on the Zen 3).
+/// on a Zen 5 with AVX-512, and 18 against 34 ms forward on a Zen 3 with AVX2. At 16 tiles the
+/// two disagreed (7.5 against 6.3 ms on the Zen 5, 13 against 20 ms on the Zen 3).
 const IN_PLACE_MIN_TILES: usize = 32;
 
 /// Whether a wide 3×3 stride-1 layer with zero padding `padding` runs [in
@@ -437,7 +437,7 @@ dispatch! {
 ///
 /// Kept out of [`transform_block`]'s AVX-512 copy on purpose: compiled there, LLVM reads the
 /// stride-9 taps with gathers, and the transform of a 1280-channel kernel took 19 ms on one
-/// core of a Zen 4 instead of 7 ms with these plain loads and shuffles.
+/// core of a Zen 5 instead of 7 ms with these plain loads and shuffles.
 #[inline(never)]
 fn lay_out_by_tap(kernels: &[f32], taps: &mut [f32]) {
     let (kernels, _) = kernels.as_chunks::<9>();
