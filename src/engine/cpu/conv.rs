@@ -19,8 +19,8 @@
 //! Winograd's F(2×2, 3×3) ([`super::winograd`]); the wider ones keep PyTorch's layout, which a
 //! 1×1 kernel has too, so that neither is copied out of its weights file: their 3×3 kernels are
 //! transformed for Winograd block by block on every call where the output is large enough, and
-//! otherwise run one product over im2col columns ([`super::columns`]). With bf16 products ([`super::Products::Bf16`]) the
-//! sums run on AMX tiles ([`super::conv_amx`]).
+//! otherwise run one product over im2col columns ([`super::columns`]). With bf16 products
+//! ([`super::Products::Bf16`]) the sums run on AMX tiles ([`super::conv_amx`]).
 
 use rayon::prelude::*;
 
