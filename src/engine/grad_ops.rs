@@ -531,6 +531,29 @@ fn conv2d_input_grad(
     g.conv_transpose2d(weight, padding, h_in - natural_h, stride, 1)
 }
 
+/// Nearest-neighbour up-sampling of NCHW `x` to `(h, w)`, whole multiples of its size in a
+/// graph; the backward sums each block of the output gradient back onto its source pixel.
+///
+/// candle's own backward is a grouped convolution with a kernel of ones, which its CPU backend
+/// runs as one convolution per channel, each working out its thread count anew (on Linux, by
+/// parsing `/proc/cpuinfo`): 3200 convolutions per UNet backward.
+pub fn upsample_nearest2d(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+    let y = x.detach().upsample_nearest2d(h, w)?;
+    with_vjp("upsample_nearest2d", x, y, |x, _, g| {
+        let (n, c, h_in, w_in) = x.dims4()?;
+        let (_, _, h, w) = g.dims4()?;
+        if h % h_in != 0 || w % w_in != 0 {
+            candle_core::bail!(
+                "upsample_nearest2d: no gradient from {h_in}×{w_in} to {h}×{w}, which is not a \
+                 whole multiple"
+            )
+        }
+        g.reshape((n, c, h_in, h / h_in, w_in, w / w_in))?
+            .sum(5)?
+            .sum(3)
+    })
+}
+
 /// Softmax over the last dimension: fused forward, `y ⊙ (g − Σ g⊙y)` backward.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
@@ -799,5 +822,46 @@ impl RecomputedAttention {
             Tensor::cat(&dk, 0)?,
             Tensor::cat(&dv, 0)?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    /// The input gradient of [`upsample_nearest2d`] is candle's own, for a square factor (the
+    /// only kind candle differentiates), and a non-square one sums the blocks it spreads.
+    #[test]
+    fn upsample_gradient_sums_each_block() {
+        let x = Var::randn(0f32, 1.0, (2, 3, 4, 5), &Device::Cpu).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (2, 3, 8, 10), &Device::Cpu).unwrap();
+        let ours = (upsample_nearest2d(x.as_tensor(), (8, 10)).unwrap() * &g).unwrap();
+        let candles = (x.as_tensor().upsample_nearest2d(8, 10).unwrap() * &g).unwrap();
+        let ours = ours.sum_all().unwrap().backward().unwrap();
+        let candles = candles.sum_all().unwrap().backward().unwrap();
+        let (ours, candles) = (ours.get(&x).unwrap(), candles.get(&x).unwrap());
+        let diff = (ours - candles).unwrap().abs().unwrap();
+        let max: f32 = diff.max_all().unwrap().to_scalar().unwrap();
+        assert!(max < 1e-6, "largest difference {max}");
+
+        let y = upsample_nearest2d(x.as_tensor(), (4, 15)).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let dx: Vec<f32> = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            dx.iter().all(|&v| v == 3.0),
+            "each pixel spread to three: {dx:?}"
+        );
+
+        let odd = upsample_nearest2d(x.as_tensor(), (6, 5)).unwrap();
+        let error = odd.sum_all().unwrap().backward().unwrap_err().to_string();
+        assert!(error.contains("not a whole multiple"), "{error}");
     }
 }

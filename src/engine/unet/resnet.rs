@@ -7,7 +7,7 @@
 use crate::engine::weights::WeightSource;
 use candle_core::{Module, Result, Tensor};
 
-use crate::engine::grad_ops::{Conv2d, GroupNorm, Linear};
+use crate::engine::grad_ops::{self, Conv2d, GroupNorm, Linear};
 
 /// diffusers' `ResnetBlock2D` with SiLU, and a timestep embedding in the UNet.
 #[derive(Debug, Clone)]
@@ -142,6 +142,6 @@ impl Upsample {
 
     /// Up-samples `x` to `(h, w)`.
     pub fn forward_to(&self, x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
-        self.conv.forward(&x.upsample_nearest2d(h, w)?)
+        self.conv.forward(&grad_ops::upsample_nearest2d(x, (h, w))?)
     }
 }
