@@ -536,7 +536,7 @@ fn conv2d_input_grad(
 ///
 /// candle's own backward is a grouped convolution with a kernel of ones, which its CPU backend
 /// runs as one convolution per channel, each working out its thread count anew (on Linux, by
-/// parsing `/proc/cpuinfo`): 3200 convolutions per UNet backward.
+/// parsing `/proc/cpuinfo`): 3200 convolutions per backward of SD-1.5's UNet.
 pub fn upsample_nearest2d(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
     let y = x.detach().upsample_nearest2d(h, w)?;
     with_vjp("upsample_nearest2d", x, y, |x, _, g| {
