@@ -293,12 +293,8 @@ impl Kernel<'_> {
                         Direction::InputGrad => (0..c_out, rows.clone()),
                     };
                     let size = co.len() * ci.len();
-                    let (mut taps, mut u) = KEPT_BLOCK.take();
-                    for (buffer, len) in [(&mut taps, 15 * ci.len()), (&mut u, POSITIONS * size)] {
-                        if buffer.len() < len {
-                            buffer.resize(len, 0.0);
-                        }
-                    }
+                    let (mut taps, mut u) =
+                        take_kept(&KEPT_BLOCK, [15 * ci.len(), POSITIONS * size]);
                     transform_block(weight, c_in, co, ci.clone(), &mut taps, &mut u);
                     for position in 0..POSITIONS {
                         let lhs = match direction {
@@ -361,8 +357,7 @@ pub(super) fn runs_in_place(padding: usize, output: Nchw) -> bool {
 thread_local! {
     /// A thread's buffers for the kernel blocks of in-place convolutions, kept between them:
     /// one output channel's kernels tap by tap, and the block's transform.
-    static KEPT_BLOCK: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    static KEPT_BLOCK: KeptPair = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// Row `i` of `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]` times `v`.
@@ -498,54 +493,47 @@ fn convolve(
     let widest = shape.c.max(out_channels);
     let slab_rows = (SLAB_BYTES / (POSITIONS * 4 * widest * tw)).clamp(1, tile_rows);
     let mut out = vec![0f32; shape.n * out_channels * h * w];
-    let mut buffers = SlabBuffers::take(
-        POSITIONS * shape.c * slab_rows * tw,
-        POSITIONS * out_channels * slab_rows * tw,
+    let (mut transformed, mut sums) = take_kept(
+        &KEPT_SLABS,
+        [
+            POSITIONS * shape.c * slab_rows * tw,
+            POSITIONS * out_channels * slab_rows * tw,
+        ],
     );
-    let (transformed, sums) = (&mut buffers.transformed, &mut buffers.sums);
     for first_row in (0..tile_rows).step_by(slab_rows) {
         let slab = first_row..tile_rows.min(first_row + slab_rows);
         let columns = slab.len() * tw;
-        transform_slab(source, geometry, slab.clone(), transformed);
-        kernel.multiply(direction, transformed, columns, sums);
-        fold_slab(sums, geometry, slab, &mut out, (bias, extra));
+        transform_slab(source, geometry, slab.clone(), &mut transformed);
+        kernel.multiply(direction, &transformed, columns, &mut sums);
+        fold_slab(&sums, geometry, slab, &mut out, (bias, extra));
     }
-    buffers.give_back();
+    KEPT_SLABS.set((transformed, sums));
     out
 }
 
-/// The slab buffers of a convolution. Every element is written before it is read, so a thread
-/// keeps the last pair it used for its next convolution instead of zeroing fresh ones (at most
-/// `2·SLAB_BYTES` while slabs fit the budget).
-#[derive(Default)]
-struct SlabBuffers {
-    transformed: Vec<f32>,
-    sums: Vec<f32>,
-}
+/// Two buffers a thread keeps from one convolution for its next, instead of zeroing fresh
+/// ones: every element is written before it is read.
+type KeptPair = std::cell::Cell<(Vec<f32>, Vec<f32>)>;
 
 thread_local! {
-    static KEPT: std::cell::Cell<SlabBuffers> = std::cell::Cell::new(SlabBuffers::default());
+    /// A convolution's slab buffers: the transformed input and the sums (at most
+    /// `2·SLAB_BYTES` while slabs fit the budget).
+    static KEPT_SLABS: KeptPair = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
-impl SlabBuffers {
-    /// This thread's kept buffers, grown to at least these lengths.
-    fn take(transformed: usize, sums: usize) -> Self {
-        let mut buffers = KEPT.take();
-        for (buffer, len) in [
-            (&mut buffers.transformed, transformed),
-            (&mut buffers.sums, sums),
-        ] {
-            if buffer.len() < len {
-                buffer.resize(len, 0.0);
-            }
+/// This thread's buffers kept in `kept`, grown to at least `lens`; [`std::cell::Cell::set`]
+/// gives them back.
+fn take_kept(
+    kept: &'static std::thread::LocalKey<KeptPair>,
+    lens: [usize; 2],
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut first, mut second) = kept.take();
+    for (buffer, len) in [(&mut first, lens[0]), (&mut second, lens[1])] {
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
         }
-        buffers
     }
-
-    /// Keeps the buffers for this thread's next convolution.
-    fn give_back(self) {
-        KEPT.set(self);
-    }
+    (first, second)
 }
 
 /// `V = Bᵀ d B` for the tiles of tile rows `slab` (counted across images): 16
